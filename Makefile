@@ -1,0 +1,41 @@
+# `make demo` and `make test` work on a fresh machine: they create .venv and install the pinned CPU stack.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# DeepSpeed JIT-builds a shared-memory op on first init_distributed (~60 s); keep the build between runs.
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
+export DS_ACCELERATOR ?= cpu
+export PYTHONPATH := $(CURDIR)
+export TOKENIZERS_PARALLELISM := false
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: venv test demo slurm-deps clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $(STAMP)
+
+# Debian's Slurm for the Slurm-template tests; skipped silently where we are not root or apt is missing
+# (the tests then skip with a reason).
+slurm-deps:
+	@if ! command -v slurmctld >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get install -y -q slurmctld slurmd slurm-client >/dev/null 2>&1 || \
+	     (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q slurmctld slurmd slurm-client >/dev/null 2>&1)) \
+	     || echo "slurm-deps: could not install Slurm; its tests will be skipped"; \
+	  else echo "slurm-deps: not root or no apt-get; Slurm tests will be skipped"; fi; \
+	fi
+
+test: $(STAMP) slurm-deps
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(PY) -m pipeline.demo
+
+clean:
+	rm -rf $(VENV) .cache demo_out
