@@ -1,0 +1,521 @@
+"""Tokenize a corpus into megatron-core indexed datasets: ``PREFIX_{train,valid}.{bin,idx}`` + ``PREFIX.meta.json``.
+
+    python -m pipeline.preprocess --input corpus/*.txt --tokenizer tok/tokenizer.json --output-prefix data/wiki \
+        --valid-fraction 0.01 --workers 8
+
+Inputs (chosen by extension, or ``--format``): plain text (documents separated by blank lines, or one per line
+with ``--one-doc-per-line``; ``.gz``/``.xz``/``.bz2`` are decompressed on the fly), JSONL (``--text-key``),
+Parquet (``--text-key``) and directories written by HF ``datasets.save_to_disk``. Each document is one sequence
+(and one document) of the indexed dataset, without special tokens: packing adds ``<s>``/``</s>``
+(``pipeline.dataset``). Token ids are stored as uint16 when the vocabulary allows it, else int32.
+
+Documents are tokenized in worker processes, appended to a temporary token file, then split into train and
+valid *by documents* (exactly ``round(fraction * n)`` valid documents chosen by ``--seed``) and written with
+megatron-core's ``IndexedDatasetBuilder`` to temporary names that are renamed only once everything succeeded:
+a failure leaves no half-written dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bz2
+import glob
+import gzip
+import json
+import lzma
+import multiprocessing
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Iterator, Sequence
+
+import numpy as np
+
+from pipeline.errors import DataError, exit_on_data_error
+from pipeline.tokenizer import load_raw_tokenizer, resolve_tokenizer_file, special_tokens, tokenizer_fingerprint
+
+META_FORMAT_VERSION = 1
+SPLITS = ("train", "valid")
+FORMATS = ("auto", "text", "jsonl", "parquet", "hf")
+_COMPRESSED_OPENERS = {".gz": gzip.open, ".xz": lzma.open, ".lzma": lzma.open, ".bz2": bz2.open}
+_REPLACEMENT_CHARACTER_UTF8 = "\ufffd".encode("utf-8")
+
+
+def open_input_binary(path: str | os.PathLike) -> BinaryIO:
+    """Opens a file for binary reading, decompressing ``.gz``, ``.xz``/``.lzma`` and ``.bz2`` transparently."""
+    opener = _COMPRESSED_OPENERS.get(Path(path).suffix.lower(), open)
+    return opener(path, "rb")
+
+
+def token_dtype(vocab_size: int) -> type[np.number]:
+    """Smallest id dtype megatron-core's IndexedDataset supports for this vocabulary (its own rule)."""
+    return np.uint16 if vocab_size < 65500 else np.int32
+
+
+def split_prefix(prefix: str | os.PathLike, split: str) -> str:
+    """``PREFIX_train`` / ``PREFIX_valid``: the path prefix of one split's .bin/.idx pair."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return f"{prefix}_{split}"
+
+
+def meta_path(prefix: str | os.PathLike) -> Path:
+    return Path(f"{prefix}.meta.json")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading documents
+
+
+def detect_format(path: Path) -> str:
+    if path.is_dir():
+        if any((path / marker).is_file() for marker in ("dataset_info.json", "dataset_dict.json", "state.json")):
+            return "hf"
+        raise DataError(f"{path}: directory is not a saved HF datasets directory (no dataset_info.json or "
+                        "dataset_dict.json)")
+    suffixes = [suffix.lower() for suffix in path.suffixes]
+    if suffixes and suffixes[-1] in _COMPRESSED_OPENERS:
+        suffixes = suffixes[:-1]
+    last = suffixes[-1] if suffixes else ""
+    if last in (".jsonl", ".json", ".ndjson"):
+        return "jsonl"
+    if last in (".parquet", ".pq"):
+        return "parquet"
+    return "text"
+
+
+@dataclass
+class ReadStats:
+    """What reading the inputs found, reported in meta.json."""
+
+    documents: int = 0
+    empty_documents: int = 0
+    invalid_utf8_replaced: int = 0
+    text_bytes: int = 0  # UTF-8 bytes of the documents read (after decompression)
+    invalid_utf8_by_file: dict[str, int] = field(default_factory=dict)
+
+
+class DocumentReader:
+    """Yields the documents of the inputs as stripped strings, skipping (and counting) empty ones."""
+
+    def __init__(self, inputs: Sequence[Path], input_format: str, text_key: str, one_doc_per_line: bool,
+                 replace_invalid: bool):
+        self.inputs = list(inputs)
+        self.input_format = input_format
+        self.text_key = text_key
+        self.one_doc_per_line = one_doc_per_line
+        self.replace_invalid = replace_invalid
+        self.stats = ReadStats()
+
+    def __iter__(self) -> Iterator[str]:
+        for path in self.inputs:
+            input_format = detect_format(path) if self.input_format == "auto" else self.input_format
+            reader = {"text": self._text, "jsonl": self._jsonl, "parquet": self._parquet, "hf": self._hf}[input_format]
+            for document in reader(path):
+                document = document.strip() if document is not None else ""
+                if not document:
+                    self.stats.empty_documents += 1
+                    continue
+                self.stats.documents += 1
+                yield document
+
+    def _decode(self, path: Path, raw_line: bytes, line_start: int) -> str:
+        try:
+            return raw_line.decode("utf-8")
+        except UnicodeDecodeError as error:
+            offset = line_start + error.start
+            where = " of the decompressed text" if path.suffix.lower() in _COMPRESSED_OPENERS else ""
+            if not self.replace_invalid:
+                raise DataError(f"{path}: invalid UTF-8 at byte {offset}{where}; pass --replace-invalid to replace "
+                                "invalid bytes with U+FFFD") from None
+            text = raw_line.decode("utf-8", errors="replace")
+            replaced = text.count("\ufffd") - raw_line.count(_REPLACEMENT_CHARACTER_UTF8)
+            self.stats.invalid_utf8_replaced += replaced
+            self.stats.invalid_utf8_by_file[str(path)] = self.stats.invalid_utf8_by_file.get(str(path), 0) + replaced
+            return text
+
+    def _lines(self, path: Path) -> Iterator[tuple[int, str]]:
+        """(line number from 1, decoded line) of a text or JSONL file."""
+        offset = 0
+        with open_input_binary(path) as stream:
+            try:
+                for line_number, raw_line in enumerate(stream, start=1):
+                    yield line_number, self._decode(path, raw_line, offset)
+                    offset += len(raw_line)
+                    self.stats.text_bytes += len(raw_line)
+            except (OSError, EOFError, lzma.LZMAError) as error:
+                raise DataError(f"{path}: cannot read ({error})") from None
+
+    def _text(self, path: Path) -> Iterator[str]:
+        if self.one_doc_per_line:
+            for _, line in self._lines(path):
+                yield line
+            return
+        paragraph: list[str] = []
+        for _, line in self._lines(path):
+            if line.strip():
+                paragraph.append(line)
+            elif paragraph:
+                yield "".join(paragraph)
+                paragraph = []
+        if paragraph:
+            yield "".join(paragraph)
+
+    def _jsonl(self, path: Path) -> Iterator[str]:
+        for line_number, line in self._lines(path):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}:{line_number}: invalid JSON ({error.msg})") from None
+            if not isinstance(record, dict) or self.text_key not in record:
+                raise DataError(f"{path}:{line_number}: no {self.text_key!r} field (set --text-key)")
+            yield self._check_text(path, record[self.text_key], f"line {line_number}")
+
+    def _check_text(self, path: Path, value, where: str) -> str:
+        if value is None:
+            return ""
+        if not isinstance(value, str):
+            raise DataError(f"{path}: {where}: {self.text_key!r} is a {type(value).__name__}, expected a string")
+        return value
+
+    def _count_bytes(self, texts: list) -> None:
+        self.stats.text_bytes += sum(len(text.encode("utf-8")) for text in texts if isinstance(text, str))
+
+    def _parquet(self, path: Path) -> Iterator[str]:
+        import pyarrow.parquet as pq
+
+        try:
+            parquet = pq.ParquetFile(path)
+        except Exception as error:  # pyarrow raises ArrowInvalid / OSError for non-Parquet files
+            raise DataError(f"{path}: not a readable Parquet file ({error})") from None
+        if self.text_key not in parquet.schema_arrow.names:
+            raise DataError(f"{path}: no column {self.text_key!r} (columns: {', '.join(parquet.schema_arrow.names)}; "
+                            "set --text-key)")
+        row = 0
+        for batch in parquet.iter_batches(batch_size=1024, columns=[self.text_key]):
+            texts = batch.column(0).to_pylist()
+            self._count_bytes(texts)
+            for text in texts:
+                row += 1
+                yield self._check_text(path, text, f"row {row}")
+
+    def _hf(self, path: Path) -> Iterator[str]:
+        import datasets
+
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except Exception as error:  # datasets raises FileNotFoundError / various for damaged directories
+            raise DataError(f"{path}: cannot load the saved HF dataset ({error})") from None
+        parts = [loaded[name] for name in loaded] if isinstance(loaded, datasets.DatasetDict) else [loaded]
+        for part in parts:
+            if self.text_key not in part.column_names:
+                raise DataError(f"{path}: no column {self.text_key!r} (columns: {', '.join(part.column_names)}; "
+                                "set --text-key)")
+            row = 0
+            for batch in part.select_columns([self.text_key]).iter(batch_size=1024):
+                texts = batch[self.text_key]
+                self._count_bytes(texts)
+                for text in texts:
+                    row += 1
+                    yield self._check_text(path, text, f"row {row}")
+
+
+def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Input paths with shell-style globs expanded; DataError for a missing or empty input."""
+    paths: list[Path] = []
+    for item in inputs:
+        item = str(item)
+        if glob.has_magic(item):
+            matches = sorted(glob.glob(item))
+            if not matches:
+                raise DataError(f"{item}: no input file matches this pattern")
+            paths.extend(Path(match) for match in matches)
+        else:
+            paths.append(Path(item))
+    if not paths:
+        raise DataError("no input files given")
+    for path in paths:
+        if not path.exists():
+            raise DataError(f"{path}: input not found")
+        if path.is_file() and path.stat().st_size == 0:
+            raise DataError(f"{path}: input file is empty")
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizing (in worker processes)
+
+_worker_tokenizer = None
+_worker_dtype = None
+
+
+def _init_worker(tokenizer_file: str, dtype_name: str) -> None:
+    global _worker_tokenizer, _worker_dtype
+    _worker_tokenizer = load_raw_tokenizer(tokenizer_file)
+    _worker_dtype = np.dtype(dtype_name)
+
+
+def _tokenize_chunk(documents: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """All token ids of the chunk concatenated, and each document's length (one pickle per chunk, not per doc)."""
+    encodings = _worker_tokenizer.encode_batch(documents, add_special_tokens=False)
+    lengths = np.fromiter((len(encoding.ids) for encoding in encodings), dtype=np.int64, count=len(encodings))
+    tokens = np.fromiter((token for encoding in encodings for token in encoding.ids), dtype=_worker_dtype,
+                         count=int(lengths.sum()))
+    return tokens, lengths
+
+
+def _chunks(documents: Iterator[str], max_documents: int = 256, max_chars: int = 1 << 20) -> Iterator[list[str]]:
+    chunk, chars = [], 0
+    for document in documents:
+        chunk.append(document)
+        chars += len(document)
+        if len(chunk) >= max_documents or chars >= max_chars:
+            yield chunk
+            chunk, chars = [], 0
+    if chunk:
+        yield chunk
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Preprocessing
+
+
+@dataclass
+class PreprocessConfig:
+    """One preprocessing run."""
+
+    inputs: Sequence[str | os.PathLike]
+    """Input files, globs or saved HF dataset directories."""
+    tokenizer: str | os.PathLike
+    """tokenizer.json (or a directory holding one)."""
+    output_prefix: str | os.PathLike
+    """Writes OUTPUT_PREFIX_train.{bin,idx}, OUTPUT_PREFIX_valid.{bin,idx} and OUTPUT_PREFIX.meta.json."""
+    input_format: str = "auto"
+    """auto (by extension) | text | jsonl | parquet | hf."""
+    text_key: str = "text"
+    """JSON field / column holding the document text (JSONL, Parquet, HF datasets)."""
+    one_doc_per_line: bool = False
+    """Plain text: every line is a document (default: documents are separated by blank lines)."""
+    valid_fraction: float = 0.01
+    """Fraction of documents held out for validation (exactly round(fraction * documents), >= 1 if > 0)."""
+    seed: int = 1234
+    """Chooses the validation documents."""
+    workers: int = 1
+    """Tokenizer processes; 1 tokenizes in this process."""
+    replace_invalid: bool = False
+    """Replace invalid UTF-8 with U+FFFD (counted, warned) instead of failing."""
+    show_progress: bool = True
+
+    def __post_init__(self):
+        if self.input_format not in FORMATS:
+            raise ValueError(f"input_format must be one of {FORMATS}, got {self.input_format!r}")
+        if not (0.0 <= self.valid_fraction < 1.0):
+            raise ValueError(f"valid_fraction must be in [0, 1), got {self.valid_fraction}")
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if not self.text_key:
+            raise ValueError("text_key must not be empty")
+
+
+def _valid_document_mask(n_documents: int, valid_fraction: float, seed: int) -> np.ndarray:
+    n_valid = int(np.floor(valid_fraction * n_documents + 0.5))
+    if valid_fraction > 0 and n_documents >= 2:
+        n_valid = min(max(n_valid, 1), n_documents - 1)  # both splits non-empty whenever possible
+    is_valid = np.zeros(n_documents, dtype=bool)
+    is_valid[np.random.default_rng(seed).choice(n_documents, size=n_valid, replace=False)] = True
+    return is_valid
+
+
+def preprocess(config: PreprocessConfig) -> dict:
+    """Runs one preprocessing job (see the module docstring); returns the meta.json content."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    from tqdm import tqdm
+
+    tokenizer_file = resolve_tokenizer_file(config.tokenizer)
+    tokenizer = load_raw_tokenizer(tokenizer_file)
+    vocab_size = tokenizer.get_vocab_size()
+    dtype = np.dtype(token_dtype(vocab_size))
+    inputs = expand_inputs(config.inputs)
+    reader = DocumentReader(inputs, config.input_format, config.text_key, config.one_doc_per_line,
+                            config.replace_invalid)
+
+    prefix = Path(config.output_prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    tag = f".tmp-{os.getpid()}"
+    all_tokens_path = Path(f"{prefix}.all.bin{tag}")
+    finals = [Path(f"{split_prefix(prefix, split)}{ext}") for split in SPLITS for ext in (".bin", ".idx")]
+    finals.append(meta_path(prefix))
+    temporaries = {final: final.with_name(final.name + tag) for final in finals}
+    try:
+        # Pass 1: tokenize everything into one flat temporary file, keeping per-document lengths.
+        lengths: list[np.ndarray] = []
+        progress = tqdm(desc=f"tokenizing -> {prefix.name}", unit="doc", disable=not config.show_progress,
+                        file=sys.stderr, mininterval=1.0)
+        with open(all_tokens_path, "wb") as all_tokens:
+            if config.workers == 1:
+                _init_worker(str(tokenizer_file), dtype.name)
+                results = map(_tokenize_chunk, _chunks(iter(reader)))
+                pool = None
+            else:
+                context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+                pool = context.Pool(config.workers, initializer=_init_worker,
+                                    initargs=(str(tokenizer_file), dtype.name))
+                results = pool.imap(_tokenize_chunk, _chunks(iter(reader)), chunksize=1)
+            try:
+                for tokens, chunk_lengths in results:
+                    all_tokens.write(tokens.tobytes())
+                    lengths.append(chunk_lengths)
+                    progress.update(chunk_lengths.size)
+            finally:
+                if pool is not None:
+                    pool.terminate()
+                    pool.join()
+        progress.close()
+        document_lengths = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
+        n_empty_tokenized = int(np.count_nonzero(document_lengths == 0))
+        if reader.stats.documents - n_empty_tokenized == 0:
+            names = ", ".join(str(path) for path in inputs)
+            raise DataError(f"{names}: no non-empty documents ({reader.stats.empty_documents} empty skipped)")
+
+        # Pass 2: split by documents and write both indexed datasets with megatron-core's builder.
+        is_valid = _valid_document_mask(document_lengths.size, config.valid_fraction, config.seed)
+        is_valid &= document_lengths > 0
+        offsets = np.concatenate([[0], np.cumsum(document_lengths)])
+        flat = np.memmap(all_tokens_path, dtype=dtype, mode="r") if offsets[-1] else np.zeros(0, dtype)
+        counts = {}
+        for split, selected in (("train", ~is_valid & (document_lengths > 0)), ("valid", is_valid)):
+            bin_final = Path(f"{split_prefix(prefix, split)}.bin")
+            idx_final = Path(f"{split_prefix(prefix, split)}.idx")
+            builder = IndexedDatasetBuilder(str(temporaries[bin_final]), dtype=dtype.type)
+            for document in np.flatnonzero(selected):
+                length = int(document_lengths[document])
+                builder.add_document(flat[offsets[document]:offsets[document + 1]], [length])
+            builder.finalize(str(temporaries[idx_final]))
+            counts[split] = {"documents": int(np.count_nonzero(selected)),
+                             "tokens": int(document_lengths[selected].sum())}
+        del flat
+
+        special = special_tokens(tokenizer)
+        meta = {
+            "format_version": META_FORMAT_VERSION,
+            "tokenizer": {"file": str(tokenizer_file.resolve()), "sha256": tokenizer_fingerprint(tokenizer_file),
+                          "vocab_size": vocab_size},
+            "special_tokens": {"bos": special.bos, "pad": special.pad, "eos": special.eos, "unk": special.unk,
+                               "mask": special.mask},
+            "dtype": dtype.name,
+            "valid_fraction": config.valid_fraction,
+            "seed": config.seed,
+            "splits": counts,
+            "documents": counts["train"]["documents"] + counts["valid"]["documents"],
+            "tokens": counts["train"]["tokens"] + counts["valid"]["tokens"],
+            "empty_documents_skipped": reader.stats.empty_documents + n_empty_tokenized,
+            "invalid_utf8_replaced": reader.stats.invalid_utf8_replaced,
+            "text_bytes": reader.stats.text_bytes,
+            "sources": [{"path": str(path.resolve()), "format": detect_format(path)
+                         if config.input_format == "auto" else config.input_format} for path in inputs],
+        }
+        with open(temporaries[meta_path(prefix)], "w", encoding="utf-8") as stream:
+            json.dump(meta, stream, indent=2)
+            stream.write("\n")
+        # Everything is written: publish. meta.json goes last, so its presence means a complete dataset.
+        for final in finals:
+            os.replace(temporaries[final], final)
+    finally:
+        all_tokens_path.unlink(missing_ok=True)
+        for temporary in temporaries.values():
+            temporary.unlink(missing_ok=True)
+    if reader.stats.invalid_utf8_replaced:
+        files = ", ".join(f"{name} ({count})" for name, count in reader.stats.invalid_utf8_by_file.items())
+        print(f"warning: replaced {reader.stats.invalid_utf8_replaced} invalid UTF-8 sequences with U+FFFD in "
+              f"{files}", file=sys.stderr)
+    return meta
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# meta.json
+
+
+def load_meta(prefix: str | os.PathLike) -> dict:
+    """The meta.json written next to a preprocessed dataset; DataError if missing or unreadable."""
+    path = meta_path(prefix)
+    if not path.is_file():
+        raise DataError(f"{path}: dataset metadata not found (was {prefix} written by pipeline.preprocess?)")
+    try:
+        with open(path, encoding="utf-8") as stream:
+            meta = json.load(stream)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(f"{path}: corrupt metadata ({error})") from None
+    if not isinstance(meta, dict) or meta.get("format_version") != META_FORMAT_VERSION:
+        raise DataError(f"{path}: unsupported metadata format (expected format_version {META_FORMAT_VERSION})")
+    return meta
+
+
+def check_meta_matches_tokenizer(prefix: str | os.PathLike, tokenizer_path: str | os.PathLike,
+                                 check_fingerprint: bool = True) -> dict:
+    """Raises DataError if the dataset at ``prefix`` was tokenized with another vocabulary (size, special ids
+    or, with ``check_fingerprint``, a different tokenizer.json); returns the metadata."""
+    meta = load_meta(prefix)
+    tokenizer_file = resolve_tokenizer_file(tokenizer_path)
+    tokenizer = load_raw_tokenizer(tokenizer_file)
+    path = meta_path(prefix)
+    recorded = meta["tokenizer"]
+    if recorded["vocab_size"] != tokenizer.get_vocab_size():
+        raise DataError(f"{path}: dataset vocab size {recorded['vocab_size']} differs from tokenizer "
+                        f"{tokenizer_file} ({tokenizer.get_vocab_size()})")
+    special = special_tokens(tokenizer)
+    actual = {"bos": special.bos, "pad": special.pad, "eos": special.eos, "unk": special.unk, "mask": special.mask}
+    if meta["special_tokens"] != actual:
+        raise DataError(f"{path}: dataset special token ids {meta['special_tokens']} differ from tokenizer "
+                        f"{tokenizer_file} ({actual})")
+    if check_fingerprint and recorded["sha256"] != tokenizer_fingerprint(tokenizer_file):
+        raise DataError(f"{path}: dataset was tokenized with a different tokenizer.json than {tokenizer_file} "
+                        f"(sha256 {recorded['sha256'][:12]}... vs {tokenizer_fingerprint(tokenizer_file)[:12]}...)")
+    return meta
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.preprocess", description=__doc__.splitlines()[0])
+    parser.add_argument("--input", nargs="+", required=True,
+                        help="text/JSONL/Parquet files, globs, or saved HF datasets directories")
+    parser.add_argument("--tokenizer", required=True, help="tokenizer.json or a directory holding one")
+    parser.add_argument("--output-prefix", required=True)
+    parser.add_argument("--format", dest="input_format", choices=FORMATS, default="auto")
+    parser.add_argument("--text-key", default="text", help="JSONL field / column with the text (default: text)")
+    parser.add_argument("--one-doc-per-line", action="store_true",
+                        help="plain text: one document per line (default: blank-line separated)")
+    parser.add_argument("--valid-fraction", type=float, default=PreprocessConfig.valid_fraction)
+    parser.add_argument("--seed", type=int, default=PreprocessConfig.seed)
+    parser.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)))
+    parser.add_argument("--replace-invalid", action="store_true",
+                        help="replace invalid UTF-8 with U+FFFD (counted) instead of failing")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = PreprocessConfig(
+            inputs=args.input, tokenizer=args.tokenizer, output_prefix=args.output_prefix,
+            input_format=args.input_format, text_key=args.text_key, one_doc_per_line=args.one_doc_per_line,
+            valid_fraction=args.valid_fraction, seed=args.seed, workers=args.workers,
+            replace_invalid=args.replace_invalid, show_progress=not args.quiet)
+    except ValueError as error:
+        raise DataError(str(error)) from None
+    meta = preprocess(config)
+    splits = meta["splits"]
+    print(f"wrote {args.output_prefix}_{{train,valid}}.{{bin,idx}}: train {splits['train']['documents']} documents / "
+          f"{splits['train']['tokens']} tokens, valid {splits['valid']['documents']} documents / "
+          f"{splits['valid']['tokens']} tokens; {meta['empty_documents_skipped']} empty documents skipped")
+    return 0
+
+
+if __name__ == "__main__":
+    exit_on_data_error(main)

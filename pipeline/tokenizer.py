@@ -1,0 +1,231 @@
+"""Byte-level BPE tokenizer with RoBERTa's special tokens: train one, import GPT-2/RoBERTa files, load it.
+
+``python -m pipeline.tokenizer train --input corpus.txt --vocab-size 32000 --output tok/tokenizer.json`` trains a
+byte-level BPE (HF ``tokenizers``) whose first five ids are ``<s> <pad> </s> <unk> <mask>`` (0..4, as in
+RoBERTa). ``python -m pipeline.tokenizer import --vocab vocab.json --merges merges.txt --output ...`` converts
+GPT-2/RoBERTa files, adding the special tokens the vocabulary lacks. Either way the result is one
+``tokenizer.json`` with a RoBERTa post-processor that ``transformers.PreTrainedTokenizerFast`` loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from pipeline.errors import DataError, exit_on_data_error
+from pipeline.masking import SpecialTokens
+
+BOS, PAD, EOS, UNK, MASK = "<s>", "<pad>", "</s>", "<unk>", "<mask>"
+# Order matters: trained tokenizers get these ids 0..4, like RoBERTa's.
+SPECIAL_TOKEN_STRINGS = (BOS, PAD, EOS, UNK, MASK)
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def resolve_tokenizer_file(path: str | os.PathLike) -> Path:
+    """``path`` itself if it is a file, else ``path/tokenizer.json``; DataError if neither exists."""
+    path = Path(path)
+    candidate = path / TOKENIZER_FILE if path.is_dir() else path
+    if not candidate.is_file():
+        raise DataError(f"{candidate}: tokenizer file not found")
+    return candidate
+
+
+def tokenizer_fingerprint(path: str | os.PathLike) -> str:
+    """sha256 (hex) of the tokenizer.json bytes: recorded in a dataset's meta.json and checked against it."""
+    digest = hashlib.sha256()
+    with open(resolve_tokenizer_file(path), "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_raw_tokenizer(path: str | os.PathLike):
+    """The ``tokenizers.Tokenizer`` (fast, picklable by path) behind a tokenizer.json; DataError if corrupt."""
+    from tokenizers import Tokenizer
+
+    file = resolve_tokenizer_file(path)
+    try:
+        tokenizer = Tokenizer.from_file(str(file))
+    except Exception as error:  # tokenizers raises a bare Exception on malformed JSON
+        raise DataError(f"{file}: not a valid tokenizer.json ({_first_line(error)})") from None
+    missing = [token for token in SPECIAL_TOKEN_STRINGS if tokenizer.token_to_id(token) is None]
+    if missing:
+        raise DataError(f"{file}: tokenizer lacks the special tokens {' '.join(missing)}")
+    return tokenizer
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """A ``transformers.PreTrainedTokenizerFast`` over a tokenizer.json (or a directory holding one), with the
+    RoBERTa special tokens registered (bos/cls ``<s>``, eos/sep ``</s>``, pad, unk, mask)."""
+    from transformers import PreTrainedTokenizerFast
+
+    file = resolve_tokenizer_file(path)
+    load_raw_tokenizer(file)  # validates the file and the special tokens with a clear message
+    return PreTrainedTokenizerFast(
+        tokenizer_file=str(file), bos_token=BOS, eos_token=EOS, cls_token=BOS, sep_token=EOS,
+        pad_token=PAD, unk_token=UNK, mask_token=MASK)
+
+
+def special_tokens(tokenizer) -> SpecialTokens:
+    """Ids of the special tokens of a ``PreTrainedTokenizerFast`` or a raw ``tokenizers.Tokenizer``."""
+    lookup = tokenizer.token_to_id if hasattr(tokenizer, "token_to_id") else tokenizer.convert_tokens_to_ids
+    ids = {token: lookup(token) for token in SPECIAL_TOKEN_STRINGS}
+    missing = [token for token, token_id in ids.items() if token_id is None]
+    if missing:
+        raise DataError(f"tokenizer lacks the special tokens {' '.join(missing)}")
+    return SpecialTokens(bos=ids[BOS], pad=ids[PAD], eos=ids[EOS], unk=ids[UNK], mask=ids[MASK])
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _attach_roberta_post_processor(tokenizer) -> None:
+    from tokenizers.processors import RobertaProcessing
+
+    tokenizer.post_processor = RobertaProcessing(
+        (EOS, tokenizer.token_to_id(EOS)), (BOS, tokenizer.token_to_id(BOS)), trim_offsets=True,
+        add_prefix_space=False)
+
+
+def _save(tokenizer, output: str | os.PathLike) -> Path:
+    output = Path(output)
+    if output.is_dir() or output.suffix != ".json":
+        output = output / TOKENIZER_FILE
+    output.parent.mkdir(parents=True, exist_ok=True)
+    temporary = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    try:
+        tokenizer.save(str(temporary))
+        os.replace(temporary, output)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return output
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Byte-level BPE training settings."""
+
+    vocab_size: int = 32000
+    """Final vocabulary size, the 5 special tokens and the 256 byte symbols included."""
+    min_frequency: int = 2
+    """A pair is merged only if it occurs at least this often."""
+    lowercase: bool = False
+    """Lowercase text before tokenizing (RoBERTa does not)."""
+
+    def __post_init__(self):
+        if self.vocab_size < 256 + len(SPECIAL_TOKEN_STRINGS):
+            raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKEN_STRINGS)}, got {self.vocab_size}")
+        if self.min_frequency < 1:
+            raise ValueError(f"min_frequency must be >= 1, got {self.min_frequency}")
+
+
+def _training_lines(files: Sequence[str | os.PathLike], batch_lines: int = 1000) -> Iterator[list[str]]:
+    # Lazy import: preprocess imports this module.
+    from pipeline.preprocess import open_input_binary
+
+    for file in files:
+        batch = []
+        with open_input_binary(file) as stream:
+            for raw_line in stream:
+                line = raw_line.decode("utf-8", errors="replace").strip()
+                if line:
+                    batch.append(line)
+                if len(batch) >= batch_lines:
+                    yield batch
+                    batch = []
+        if batch:
+            yield batch
+
+
+def train_tokenizer(files: Sequence[str | os.PathLike], output: str | os.PathLike,
+                    config: TrainConfig = TrainConfig(), show_progress: bool = False) -> Path:
+    """Trains a byte-level BPE on text files (plain, .gz, .xz or .bz2) and writes tokenizer.json; returns its path."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    if not files:
+        raise DataError("no input files given for tokenizer training")
+    for file in files:
+        if not Path(file).is_file():
+            raise DataError(f"{file}: input file not found")
+        if Path(file).stat().st_size == 0:
+            raise DataError(f"{file}: input file is empty")
+    bpe = ByteLevelBPETokenizer(add_prefix_space=False, lowercase=config.lowercase, trim_offsets=True)
+    bpe.train_from_iterator(_training_lines(files), vocab_size=config.vocab_size,
+                            min_frequency=config.min_frequency, show_progress=show_progress,
+                            special_tokens=list(SPECIAL_TOKEN_STRINGS))
+    tokenizer = bpe._tokenizer  # the underlying tokenizers.Tokenizer
+    for expected_id, token in enumerate(SPECIAL_TOKEN_STRINGS):
+        if tokenizer.token_to_id(token) != expected_id:
+            raise RuntimeError(f"special token {token} got id {tokenizer.token_to_id(token)}, expected {expected_id}")
+    _attach_roberta_post_processor(tokenizer)
+    return _save(tokenizer, output)
+
+
+def import_tokenizer(vocab_file: str | os.PathLike, merges_file: str | os.PathLike,
+                     output: str | os.PathLike) -> Path:
+    """Converts GPT-2/RoBERTa ``vocab.json`` + ``merges.txt`` into one tokenizer.json; special tokens missing from
+    the vocabulary (all but ``<|endoftext|>`` for GPT-2) are appended after it."""
+    from tokenizers import AddedToken, ByteLevelBPETokenizer
+
+    for file in (vocab_file, merges_file):
+        if not Path(file).is_file():
+            raise DataError(f"{file}: file not found")
+    try:
+        with open(vocab_file, encoding="utf-8") as stream:
+            vocab = json.load(stream)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(f"{vocab_file}: not a JSON vocabulary ({_first_line(error)})") from None
+    if not isinstance(vocab, dict):
+        raise DataError(f"{vocab_file}: expected a JSON object mapping tokens to ids")
+    try:
+        bpe = ByteLevelBPETokenizer(str(vocab_file), str(merges_file), add_prefix_space=False, trim_offsets=True)
+    except Exception as error:
+        raise DataError(f"{merges_file}: cannot build a BPE from these files ({_first_line(error)})") from None
+    tokenizer = bpe._tokenizer
+    # <mask> strips the space before it, as in RoBERTa; the others are plain special tokens.
+    tokenizer.add_special_tokens([
+        AddedToken(token, lstrip=(token == MASK), special=True) for token in SPECIAL_TOKEN_STRINGS])
+    _attach_roberta_post_processor(tokenizer)
+    return _save(tokenizer, output)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.tokenizer", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train a byte-level BPE on text files")
+    train.add_argument("--input", nargs="+", required=True, help="text files (plain, .gz, .xz, .bz2)")
+    train.add_argument("--output", required=True, help="tokenizer.json path or a directory to put it in")
+    train.add_argument("--vocab-size", type=int, default=TrainConfig.vocab_size)
+    train.add_argument("--min-frequency", type=int, default=TrainConfig.min_frequency)
+    train.add_argument("--lowercase", action="store_true")
+    imported = commands.add_parser("import", help="convert GPT-2/RoBERTa vocab.json + merges.txt")
+    imported.add_argument("--vocab", required=True, help="vocab.json")
+    imported.add_argument("--merges", required=True, help="merges.txt")
+    imported.add_argument("--output", required=True, help="tokenizer.json path or a directory to put it in")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "train":
+        try:
+            config = TrainConfig(args.vocab_size, args.min_frequency, args.lowercase)
+        except ValueError as error:
+            raise DataError(str(error)) from None
+        output = train_tokenizer(args.input, args.output, config, show_progress=True)
+    else:
+        output = import_tokenizer(args.vocab, args.merges, args.output)
+    tokenizer = load_raw_tokenizer(output)
+    print(f"wrote {output}: vocab size {tokenizer.get_vocab_size()}, sha256 {tokenizer_fingerprint(output)[:16]}")
+    return 0
+
+
+if __name__ == "__main__":
+    exit_on_data_error(main)

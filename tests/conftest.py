@@ -1,0 +1,42 @@
+"""Shared fixtures: a real English text (gensim's Lee corpus), a tiny tokenizer trained on it, and a tiny
+preprocessed dataset. Session-scoped: built once (a few seconds) and reused by every test module."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def english_text_file() -> Path:
+    """gensim's ``lee_background.cor``: 300 English news documents, one per line (read in place, not copied)."""
+    import gensim
+
+    path = Path(gensim.__file__).parent / "test" / "test_data" / "lee_background.cor"
+    assert path.is_file(), f"gensim test data missing: {path}"
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory, english_text_file) -> Path:
+    """Path of a tokenizer.json: byte-level BPE with RoBERTa specials (ids 0..4), vocab 1000, trained on the Lee
+    corpus."""
+    from pipeline.tokenizer import TrainConfig, train_tokenizer
+
+    directory = tmp_path_factory.mktemp("tiny_tokenizer")
+    return train_tokenizer([english_text_file], directory / "tokenizer.json",
+                           TrainConfig(vocab_size=1000, min_frequency=2))
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset_prefix(tmp_path_factory, english_text_file, tiny_tokenizer) -> str:
+    """Prefix P of the Lee corpus preprocessed with ``tiny_tokenizer``: ``P_train.{bin,idx}`` (285 documents),
+    ``P_valid.{bin,idx}`` (15 documents) and ``P.meta.json``."""
+    from pipeline.preprocess import PreprocessConfig, preprocess
+
+    prefix = tmp_path_factory.mktemp("tiny_dataset") / "lee"
+    preprocess(PreprocessConfig(inputs=[english_text_file], tokenizer=tiny_tokenizer, output_prefix=prefix,
+                                one_doc_per_line=True, valid_fraction=0.05, seed=1234, workers=1,
+                                show_progress=False))
+    return str(prefix)
