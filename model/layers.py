@@ -1,0 +1,237 @@
+"""Transformer building blocks on megatron-core tensor-parallel layers.
+
+Tensor-parallel split (Megatron-LM): a self-attention block's fused QKV projection and the first FFN layer are
+``ColumnParallelLinear`` (output features split, no gather), each rank computes the heads it owns, and the
+attention output projection and the second FFN layer are ``RowParallelLinear`` (input features split, one
+all-reduce). Everything between those pairs is local to a rank; everything else (layer norms, position
+embeddings, residual stream) is replicated. Vocabulary matrices are split by rows (``VocabParallelEmbedding``,
+``vocab_parallel_cross_entropy``), so full-vocabulary logits are never gathered.
+
+All activations are batch-first ``[batch, seq, hidden]``; megatron's layers only multiply the last dimension,
+and ``sequence_parallel`` stays off (it needs a GPU and the ``[seq, batch]`` layout).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import ModelParallelConfig, parallel_state
+from megatron.core.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+                                           copy_to_tensor_model_parallel_region, get_cuda_rng_tracker,
+                                           vocab_parallel_cross_entropy)
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+from model.config import ModelConfig
+
+
+def megatron_config(config: ModelConfig) -> ModelParallelConfig:
+    """Megatron's layer config for the current TP size; CPU initialisation = full master weight, then split, so
+    a weight starts identical for every TP size."""
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    config.check_tensor_parallel_size(tp_size)
+    return ModelParallelConfig(tensor_model_parallel_size=tp_size, use_cpu_initialization=True,
+                               perform_initialization=True, params_dtype=torch.float32, sequence_parallel=False)
+
+
+def normal_init(std: float):
+    def init(weight: torch.Tensor) -> torch.Tensor:
+        return torch.nn.init.normal_(weight, mean=0.0, std=std)
+    return init
+
+
+def activation_fn(name: str):
+    return (lambda x: F.gelu(x)) if name == "gelu" else (lambda x: F.gelu(x, approximate="tanh"))
+
+
+def key_padding_mask(valid: torch.Tensor) -> torch.Tensor:
+    """``[B, Lk]`` bool (True = real key) -> SDPA mask ``[B, 1, 1, Lk]``. A row with no real key (a sequence
+    with nothing to attend to, e.g. no <mask> at all) attends to everything instead of producing NaN; its
+    outputs are never used."""
+    valid = valid | ~valid.any(dim=-1, keepdim=True)
+    return valid[:, None, None, :]
+
+
+class Attention(torch.nn.Module):
+    """Multi-head attention with heads split over TP ranks.
+
+    Self-attention (``cross=False``): fused ``qkv`` = ColumnParallelLinear(d, 3d, stride=3); the full weight is
+    ``[W_q; W_k; W_v]`` and stride 3 gives each rank ``[W_q^r; W_k^r; W_v^r]`` (its own heads of each).
+    Cross-attention (``cross=True``): ``query`` = ColumnParallelLinear(d, d) on the decoder stream,
+    ``key_value`` = ColumnParallelLinear(d, 2d, stride=2) on the memory. ``out`` = RowParallelLinear(d, d).
+    """
+
+    def __init__(self, hidden: int, heads: int, dropout: float, init_std: float, mp: ModelParallelConfig,
+                 cross: bool = False):
+        super().__init__()
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        self.heads_per_rank = heads // tp
+        self.head_dim = hidden // heads
+        self.dropout = dropout
+        self.cross = cross
+        init = normal_init(init_std)
+        if cross:
+            self.query = ColumnParallelLinear(hidden, hidden, config=mp, init_method=init, bias=True,
+                                              gather_output=False)
+            self.key_value = ColumnParallelLinear(hidden, 2 * hidden, config=mp, init_method=init, bias=True,
+                                                  gather_output=False, stride=2)
+        else:
+            self.qkv = ColumnParallelLinear(hidden, 3 * hidden, config=mp, init_method=init, bias=True,
+                                            gather_output=False, stride=3)
+        self.out = RowParallelLinear(hidden, hidden, config=mp, init_method=init, bias=True,
+                                     input_is_parallel=True, skip_bias_add=False)
+
+    def _split_heads(self, x: torch.Tensor, parts: int) -> list[torch.Tensor]:
+        # [B, L, parts * heads_r * hd] -> parts x [B, heads_r, L, hd]
+        b, length, _ = x.shape
+        x = x.view(b, length, parts, self.heads_per_rank, self.head_dim).permute(2, 0, 3, 1, 4)
+        return list(x.unbind(0))
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor, memory: torch.Tensor | None = None):
+        """x ``[B, Lq, d]``; key_mask ``[B, 1, 1, Lk]`` (see ``key_padding_mask``); memory ``[B, Lk, d]`` for
+        cross-attention."""
+        if self.cross:
+            (q,) = self._split_heads(self.query(x)[0], 1)
+            k, v = self._split_heads(self.key_value(memory)[0], 2)
+        else:
+            q, k, v = self._split_heads(self.qkv(x)[0], 3)
+        dropout = self.dropout if self.training else 0.0
+        # Each rank owns different heads: their dropout masks come from the per-TP-rank stream.
+        with get_cuda_rng_tracker().fork():
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout)
+        b, _, length, _ = context.shape
+        context = context.transpose(1, 2).reshape(b, length, self.heads_per_rank * self.head_dim)
+        return self.out(context)[0]
+
+
+class MLP(torch.nn.Module):
+    """fc_in = ColumnParallelLinear(d, f) -> activation -> fc_out = RowParallelLinear(f, d)."""
+
+    def __init__(self, hidden: int, ffn: int, activation: str, init_std: float, mp: ModelParallelConfig):
+        super().__init__()
+        init = normal_init(init_std)
+        self.fc_in = ColumnParallelLinear(hidden, ffn, config=mp, init_method=init, bias=True, gather_output=False)
+        self.fc_out = RowParallelLinear(ffn, hidden, config=mp, init_method=init, bias=True, input_is_parallel=True,
+                                        skip_bias_add=False)
+        self.act = activation_fn(activation)
+
+    def forward(self, x):
+        return self.fc_out(self.act(self.fc_in(x)[0]))[0]
+
+
+class TransformerLayer(torch.nn.Module):
+    """Self-attention [+ cross-attention] + MLP, each with dropout and a residual, pre-LN or post-LN.
+
+    post-LN (BERT): ``x = LN(x + drop(sublayer(x)))``; pre-LN: ``x = x + drop(sublayer(LN(x)))``. With
+    ``cross=True`` (the 3MLcross decoder) a cross-attention sub-layer to ``memory`` sits between the two.
+    """
+
+    def __init__(self, hidden: int, ffn: int, heads: int, config: ModelConfig, mp: ModelParallelConfig,
+                 cross: bool = False):
+        super().__init__()
+        eps = config.layernorm_eps
+        self.pre_ln = config.pre_ln
+        self.hidden_dropout = config.hidden_dropout
+        self.self_attention = Attention(hidden, heads, config.attention_dropout, config.init_std, mp)
+        self.self_attention_layernorm = torch.nn.LayerNorm(hidden, eps=eps)
+        if cross:
+            self.cross_attention = Attention(hidden, heads, config.attention_dropout, config.init_std, mp, cross=True)
+            self.cross_attention_layernorm = torch.nn.LayerNorm(hidden, eps=eps)
+        else:
+            self.cross_attention = None
+        self.mlp = MLP(hidden, ffn, config.activation, config.init_std, mp)
+        self.mlp_layernorm = torch.nn.LayerNorm(hidden, eps=eps)
+
+    def _sublayer(self, x, layernorm, fn):
+        # Replicated activations: the default generator, identical on all TP ranks.
+        if self.pre_ln:
+            return x + F.dropout(fn(layernorm(x)), self.hidden_dropout, self.training)
+        return layernorm(x + F.dropout(fn(x), self.hidden_dropout, self.training))
+
+    def forward(self, x, key_mask, memory=None, memory_mask=None):
+        x = self._sublayer(x, self.self_attention_layernorm, lambda h: self.self_attention(h, key_mask))
+        if self.cross_attention is not None:
+            x = self._sublayer(x, self.cross_attention_layernorm,
+                               lambda h: self.cross_attention(h, memory_mask, memory=memory))
+        return self._sublayer(x, self.mlp_layernorm, self.mlp)
+
+
+class TransformerStack(torch.nn.Module):
+    """``layers`` plus, for pre-LN, the ``final_layernorm`` after them (base of the encoder and decoder, so
+    their parameters are named ``encoder.layers.L...`` / ``decoder.layers.L...``)."""
+
+    def __init__(self, num_layers: int, hidden: int, ffn: int, heads: int, config: ModelConfig,
+                 mp: ModelParallelConfig, cross: bool = False):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(
+            TransformerLayer(hidden, ffn, heads, config, mp, cross=cross) for _ in range(num_layers))
+        self.final_layernorm = torch.nn.LayerNorm(hidden, eps=config.layernorm_eps) if config.pre_ln else None
+
+    def run_layers(self, x, key_mask, memory=None, memory_mask=None):
+        for layer in self.layers:
+            x = layer(x, key_mask, memory, memory_mask)
+        return self.final_layernorm(x) if self.final_layernorm is not None else x
+
+
+class HeadTransform(torch.nn.Module):
+    """The prediction layer's first FC (RoBERTa ``lm_head.dense``/``layer_norm``): dense ``in_width -> d_en``,
+    activation, LayerNorm. With ``in_width = d_de`` it is the paper's projection back to the encoder width
+    (Appendix D: phi'_Pred = 2nr(d_de d_en + d_en |V|)). Replicated (small; the vocabulary GEMM is the split
+    part)."""
+
+    def __init__(self, in_width: int, config: ModelConfig):
+        super().__init__()
+        self.dense = torch.nn.Linear(in_width, config.hidden_size)
+        self.layernorm = torch.nn.LayerNorm(config.hidden_size, eps=config.layernorm_eps)
+        self.act = activation_fn(config.activation)
+
+    def forward(self, x):
+        return self.layernorm(self.act(self.dense(x)))
+
+
+class OutputLayer(torch.nn.Module):
+    """Vocabulary projection and the per-token cross-entropy, split over TP ranks by vocabulary rows.
+
+    ``logits_r = h @ W_r^T + bias_r`` for this rank's rows ``W_r`` of the (tied) word-embedding matrix; the loss
+    comes from ``vocab_parallel_cross_entropy`` (all-reduces of max / sum-exp / target logit), never a gathered
+    ``[N, |V|]``. Rows past ``vocab_size`` (padding to ``padded_vocab_size``) get logit -inf.
+    """
+
+    def __init__(self, config: ModelConfig, mp: ModelParallelConfig):
+        super().__init__()
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        rank = parallel_state.get_tensor_model_parallel_rank()
+        rows = config.padded_vocab_size // tp
+        self.vocab_start = rank * rows
+        if config.tie_embeddings:
+            self.weight = None
+        else:
+            self.weight = torch.nn.Parameter(torch.empty(rows, config.hidden_size))
+            # Same master-weight-then-split as the embedding (identical for every TP size).
+            full = torch.empty(config.padded_vocab_size, config.hidden_size)
+            torch.nn.init.normal_(full, 0.0, config.init_std)
+            with torch.no_grad():
+                self.weight.copy_(full[self.vocab_start:self.vocab_start + rows])
+            set_tensor_model_parallel_attributes(self.weight, True, 0, 1)
+        self.bias = torch.nn.Parameter(torch.zeros(rows))
+        set_tensor_model_parallel_attributes(self.bias, True, 0, 1)
+        # Static per-rank mask of padded vocabulary rows (None when this rank has none).
+        padded = torch.arange(self.vocab_start, self.vocab_start + rows) >= config.vocab_size
+        self.register_buffer("padded_rows", padded if bool(padded.any()) else None, persistent=False)
+
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor, embedding_weight: torch.Tensor) -> torch.Tensor:
+        """hidden ``[B, N, d_en]`` (replicated), targets ``[B, N]`` (valid ids) -> per-token loss ``[B, N]`` fp32,
+        the same on every TP rank."""
+        weight = embedding_weight if self.weight is None else self.weight
+        # Identity forward; all-reduce of the input gradient across TP ranks in backward.
+        hidden = copy_to_tensor_model_parallel_region(hidden)
+        logits = F.linear(hidden, weight, self.bias)
+        if self.padded_rows is not None:
+            logits = logits.masked_fill(self.padded_rows, float("-inf"))
+        return vocab_parallel_cross_entropy(logits.float(), targets)
+
+
+class WordEmbedding(VocabParallelEmbedding):
+    """``VocabParallelEmbedding`` over ``padded_vocab_size`` rows (normal(0, init_std) master weight, split)."""
+
+    def __init__(self, config: ModelConfig, mp: ModelParallelConfig, width: int):
+        super().__init__(config.padded_vocab_size, width, init_method=normal_init(config.init_std), config=mp)
