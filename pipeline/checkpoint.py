@@ -1,0 +1,349 @@
+"""Checkpoint directory layout, atomic commits, integrity checks, resume selection and RNG capture.
+
+Layout of a run (``--save RUN_DIR``)::
+
+    RUN_DIR/
+      config.json                 resolved configuration of the latest start (model, masking, training, ...)
+      metrics.jsonl               one JSON object per logged step / evaluation
+      tensorboard/                TensorBoard event files
+      stopped_by_signal           present only when the last start stopped for SIGTERM/SIGUSR1 (JSON)
+      checkpoints/
+        latest                    the tag of the newest *complete* checkpoint (replaced atomically)
+        step_00001000/            one DeepSpeed checkpoint (``engine.save_checkpoint(dir, tag)``):
+          mp_rank_00_model_states.pt            module weights (ZeRO 0-2) + client state, per TP rank
+          zero_pp_rank_0_mp_rank_00_model_states.pt   (ZeRO-3 instead: one per DP x TP rank)
+          *_optim_states.pt                     optimizer partitions (ZeRO) or full optimizer (ZeRO-0)
+          run_config.json         client state without tensors: step, consumed samples, config, fingerprints
+          manifest.json           written last: every file's size and sha256; its presence = complete
+        .partial-step_00002000/   a save in progress (or interrupted); never referenced by ``latest``
+
+Commit protocol (rank 0, after a barrier that follows DeepSpeed's own writes on every rank): write
+``run_config.json`` and ``manifest.json`` into ``.partial-TAG``, rename it to ``TAG``, then replace ``latest``
+(write a temporary file + ``os.replace``). A crash at any point leaves ``latest`` on the previous complete tag.
+Loading verifies the manifest (sizes and hashes) and falls back to the next older complete tag, naming what was
+wrong with the newer one. The layout assumes the checkpoint directory is a file system shared by all ranks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+CHECKPOINTS_SUBDIR = "checkpoints"
+LATEST_FILE = "latest"
+MANIFEST_FILE = "manifest.json"
+RUN_CONFIG_FILE = "run_config.json"
+PARTIAL_PREFIX = ".partial-"
+FORMAT_VERSION = 1
+TAG_PATTERN = re.compile(r"^step_(\d+)$")
+
+# Keys of the DeepSpeed client state (top-level keys of every *_model_states.pt) written by pipeline.train.
+CLIENT_STATE_KEYS = (
+    "format_version",  # FORMAT_VERSION
+    "step",  # optimizer steps done
+    "consumed_samples",  # training samples consumed (global, all DP ranks): where the sampler restarts
+    "data_epoch",  # epoch of the next training sample (consumed_samples // samples per epoch)
+    "rng_states",  # list indexed by global rank: python/numpy/torch/accelerator/TP-tracker states
+    "config",  # the full resolved config (pipeline.train.ResolvedConfig.to_dict())
+    "tokenizer_fingerprint",  # sha256 of tokenizer.json
+    "dataset_meta",  # the content of the dataset's meta.json
+    "dataset_fingerprint",  # sha256 of the canonical JSON of dataset_meta
+    "world",  # {"world_size", "tensor_parallel_size", "data_parallel_size"}
+)
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used (missing, corrupt, incompatible); ``str()`` is one line."""
+
+
+def tag_for_step(step: int) -> str:
+    return f"step_{int(step):08d}"
+
+
+def step_of_tag(tag: str) -> int | None:
+    match = TAG_PATTERN.match(tag)
+    return int(match.group(1)) if match else None
+
+
+def checkpoints_dir(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / CHECKPOINTS_SUBDIR
+
+
+def partial_tag(tag: str) -> str:
+    return PARTIAL_PREFIX + tag
+
+
+def canonical_json_sha256(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Writes JSON to ``path`` so that readers see the old file or the new one, never a prefix."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as handle:
+        json.dump(obj, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def build_manifest(tag_dir: Path, step: int) -> dict:
+    files = {}
+    for path in sorted(p for p in Path(tag_dir).rglob("*") if p.is_file() and p.name != MANIFEST_FILE):
+        files[str(path.relative_to(tag_dir))] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    if not files:
+        raise CheckpointError(f"{tag_dir}: DeepSpeed wrote no files")
+    return {"format_version": FORMAT_VERSION, "step": int(step), "files": files}
+
+
+def commit_checkpoint(ckpt_dir: Path, tag: str, step: int, run_config: dict) -> Path:
+    """Rank 0, after every rank has written its part into ``.partial-TAG``: makes the checkpoint visible."""
+    ckpt_dir = Path(ckpt_dir)
+    partial = ckpt_dir / partial_tag(tag)
+    final = ckpt_dir / tag
+    write_json_atomic(partial / RUN_CONFIG_FILE, run_config)
+    write_json_atomic(partial / MANIFEST_FILE, build_manifest(partial, step))
+    _fsync_dir(partial)
+    if final.exists():  # the same step saved again (e.g. a signal right after a periodic save)
+        stale = ckpt_dir / f"{PARTIAL_PREFIX}stale-{tag}"
+        shutil.rmtree(stale, ignore_errors=True)
+        os.replace(final, stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    os.replace(partial, final)
+    _fsync_dir(ckpt_dir)
+    write_text_atomic(ckpt_dir / LATEST_FILE, tag)
+    return final
+
+
+def verify_checkpoint(tag_dir: Path, check_hashes: bool = True) -> str | None:
+    """None if ``tag_dir`` is a complete, intact checkpoint, else a one-line reason."""
+    tag_dir = Path(tag_dir)
+    manifest_path = tag_dir / MANIFEST_FILE
+    if not tag_dir.is_dir():
+        return f"{tag_dir}: no such checkpoint directory"
+    if not manifest_path.is_file():
+        return f"{tag_dir}: incomplete checkpoint (no {MANIFEST_FILE}; the save was interrupted)"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"{manifest_path}: unreadable manifest ({error})"
+    for name, expected in files.items():
+        path = tag_dir / name
+        if not path.is_file():
+            return f"{path}: missing (listed in {MANIFEST_FILE})"
+        size = path.stat().st_size
+        if size != expected["bytes"]:
+            return f"{path}: truncated or modified ({size} bytes, manifest says {expected['bytes']})"
+        if check_hashes and file_sha256(path) != expected["sha256"]:
+            return f"{path}: corrupt (sha256 differs from {MANIFEST_FILE})"
+    return None
+
+
+def complete_tags(ckpt_dir: Path) -> list[str]:
+    """Tags that have a manifest, newest step first (without verifying file contents)."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    tags = [p.name for p in ckpt_dir.iterdir()
+            if p.is_dir() and step_of_tag(p.name) is not None and (p / MANIFEST_FILE).is_file()]
+    return sorted(tags, key=step_of_tag, reverse=True)
+
+
+def read_latest(ckpt_dir: Path) -> str | None:
+    path = Path(ckpt_dir) / LATEST_FILE
+    try:
+        tag = path.read_text().strip()
+    except OSError:
+        return None
+    return tag or None
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    ckpt_dir: Path  # the directory DeepSpeed's load_checkpoint(load_dir=...) takes
+    tag: str
+    skipped: tuple[str, ...]  # reasons why newer checkpoints were not used
+
+    @property
+    def tag_dir(self) -> Path:
+        return self.ckpt_dir / self.tag
+
+
+def find_resume_point(load_path: str | os.PathLike, check_hashes: bool = True) -> ResumePoint | None:
+    """The checkpoint ``--load PATH`` resumes from.
+
+    ``PATH`` may be a run directory, its ``checkpoints/`` directory, or one tag directory. For a directory of
+    checkpoints: the tag in ``latest`` if it verifies, else the newest older complete tag that verifies (the
+    reasons for skipping are returned so the caller can report them). None if there is no checkpoint at all;
+    CheckpointError if there are checkpoints but none is intact, or an explicit tag is damaged."""
+    path = Path(load_path)
+    if (path / MANIFEST_FILE).is_file() or step_of_tag(path.name) is not None:
+        reason = verify_checkpoint(path, check_hashes)
+        if reason:
+            raise CheckpointError(reason)
+        return ResumePoint(path.parent, path.name, ())
+    ckpt_dir = path / CHECKPOINTS_SUBDIR if (path / CHECKPOINTS_SUBDIR).is_dir() else path
+    latest = read_latest(ckpt_dir)
+    candidates = complete_tags(ckpt_dir)
+    if latest is not None:
+        candidates = [latest] + [t for t in candidates if t != latest and
+                                 (step_of_tag(latest) is None or step_of_tag(t) < step_of_tag(latest))]
+    skipped: list[str] = []
+    for tag in candidates:
+        reason = verify_checkpoint(ckpt_dir / tag, check_hashes)
+        if reason is None:
+            return ResumePoint(ckpt_dir, tag, tuple(skipped))
+        skipped.append(reason)
+    if skipped:
+        raise CheckpointError(f"no intact checkpoint in {ckpt_dir}: " + "; ".join(skipped))
+    return None
+
+
+def prune_checkpoints(ckpt_dir: Path, keep_last: int) -> list[str]:
+    """Deletes complete checkpoints beyond the newest ``keep_last`` (never the one ``latest`` names) and
+    leftovers of interrupted saves. Rank 0 only, between saves. Returns the removed names."""
+    ckpt_dir = Path(ckpt_dir)
+    removed = []
+    latest = read_latest(ckpt_dir)
+    if keep_last > 0:
+        for tag in complete_tags(ckpt_dir)[keep_last:]:
+            if tag != latest:
+                shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+                removed.append(tag)
+    for path in ckpt_dir.glob(PARTIAL_PREFIX + "*"):
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path.name)
+    return removed
+
+
+def read_run_config(tag_dir: str | os.PathLike) -> dict:
+    """The JSON client state of a checkpoint (config, step, fingerprints) without loading any tensor."""
+    path = Path(tag_dir) / RUN_CONFIG_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{path}: cannot read ({error})") from None
+
+
+def model_state_files(tag_dir: str | os.PathLike) -> list[Path]:
+    """The ``*_model_states.pt`` files of a checkpoint, one per TP rank for ZeRO 0-2 (``mp_rank_XX``)."""
+    return sorted(Path(tag_dir).glob("*model_states.pt"))
+
+
+def load_module_state_dicts(tag_dir: str | os.PathLike) -> list[dict[str, torch.Tensor]]:
+    """Module weights per tensor-parallel rank (index = TP rank) of a ZeRO 0-2 checkpoint.
+
+    ZeRO-3 partitions the weights across DP ranks; those checkpoints are consolidated with DeepSpeed's
+    ``zero_to_fp32`` (see ``deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint``)."""
+    files = sorted(Path(tag_dir).glob("mp_rank_*_model_states.pt"))
+    if not files:
+        raise CheckpointError(f"{tag_dir}: no mp_rank_*_model_states.pt (a ZeRO-3 checkpoint? use zero_to_fp32)")
+    return [torch.load(f, map_location="cpu", weights_only=False)["module"] for f in files]
+
+
+# ----------------------------------------------------------------------------------------------- RNG states
+
+def capture_rng_state() -> dict:
+    """Every random stream a training step can draw from on this rank."""
+    from deepspeed.accelerator import get_accelerator
+
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "accelerator": None,
+        "tensor_parallel_tracker": None,
+    }
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        state["accelerator"] = accelerator.get_rng_state()
+    try:
+        from model.parallel import get_rng_tracker_states
+        state["tensor_parallel_tracker"] = get_rng_tracker_states()
+    except ImportError:
+        pass
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    from deepspeed.accelerator import get_accelerator
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("accelerator") is not None:
+        get_accelerator().set_rng_state(state["accelerator"])
+    if state.get("tensor_parallel_tracker") is not None:
+        from model.parallel import set_rng_tracker_states
+        set_rng_tracker_states(state["tensor_parallel_tracker"])
+
+
+# ------------------------------------------------------------------------------------- config compatibility
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        out = {}
+        for key, value in obj.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: obj}
+
+
+def config_differences(saved: dict, current: dict, ignore_prefixes: Iterable[str] = ()) -> list[str]:
+    """``key: checkpoint X, now Y`` for every leaf that differs, except keys under ``ignore_prefixes``."""
+    ignore = tuple(ignore_prefixes)
+    a, b = _flatten(saved), _flatten(current)
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if any(key == p or key.startswith(p + ".") for p in ignore):
+            continue
+        va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
+        if isinstance(va, (list, tuple)) and isinstance(vb, (list, tuple)):
+            va, vb = list(va), list(vb)
+        if va != vb:
+            diffs.append(f"{key}: checkpoint {va!r}, now {vb!r}")
+    return diffs
