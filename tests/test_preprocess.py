@@ -1,0 +1,248 @@
+"""Preprocessing: round trip text -> ids -> megatron-core IndexedDataset -> text, input formats, the split, and
+every kind of bad input (one-line DataError naming the file, nothing half-written)."""
+
+from __future__ import annotations
+
+import json
+import lzma
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+from pipeline.errors import DataError
+from pipeline.preprocess import (PreprocessConfig, check_meta_matches_tokenizer, load_meta, main, preprocess,
+                                 token_dtype)
+from pipeline.tokenizer import TrainConfig, load_tokenizer, train_tokenizer
+
+PARAGRAPHS = [
+    "The first document has two lines.\nThis is its second line, with ünïcode: €, 日本.",
+    "Second document, a single line.",
+    "Third document:\n  indented line\nand a last one.",
+]
+
+
+def _decode_split(prefix, split, tokenizer):
+    dataset = IndexedDataset(f"{prefix}_{split}")
+    return [tokenizer.decode(dataset[i].tolist()) for i in range(len(dataset))]
+
+
+def _run(tmp_path, inputs, tokenizer, name="out", **overrides):
+    settings = dict(valid_fraction=0.0, workers=1, show_progress=False)
+    settings.update(overrides)
+    prefix = tmp_path / name
+    meta = preprocess(PreprocessConfig(inputs=inputs, tokenizer=tokenizer, output_prefix=prefix, **settings))
+    return prefix, meta
+
+
+def _listing(directory: Path) -> list[str]:
+    return sorted(path.name for path in directory.iterdir())
+
+
+def test_round_trip_text_to_indexed_dataset_decodes_to_source(tiny_dataset_prefix, english_text_file,
+                                                              tiny_tokenizer):
+    tokenizer = load_tokenizer(tiny_tokenizer)
+    source = [line.strip() for line in english_text_file.read_text(encoding="utf-8").splitlines()]
+    train = _decode_split(tiny_dataset_prefix, "train", tokenizer)
+    valid = _decode_split(tiny_dataset_prefix, "valid", tokenizer)
+    assert (len(train), len(valid)) == (285, 15)  # exactly round(0.05 * 300) documents held out
+    assert sorted(train + valid) == sorted(source)
+    # Each split keeps the corpus order.
+    remaining = iter(source)
+    assert all(any(text == candidate for candidate in remaining) for text in train)  # train is a subsequence
+
+    meta = load_meta(tiny_dataset_prefix)
+    dataset = IndexedDataset(f"{tiny_dataset_prefix}_train")
+    assert dataset.index.dtype == np.uint16 and meta["dtype"] == "uint16"
+    assert meta["splits"]["train"] == {"documents": 285, "tokens": int(dataset.sequence_lengths.sum())}
+    assert meta["documents"] == 300 and meta["empty_documents_skipped"] == 0
+    assert meta["special_tokens"] == {"bos": 0, "pad": 1, "eos": 2, "unk": 3, "mask": 4}
+    assert meta["tokenizer"]["vocab_size"] == 1000
+    assert meta["text_bytes"] == english_text_file.stat().st_size
+    assert meta["sources"] == [{"path": str(english_text_file.resolve()), "format": "text"}]
+    # No special tokens inside documents: packing adds them.
+    assert not np.isin(np.concatenate([dataset[i] for i in range(len(dataset))]), [0, 1, 2, 3, 4]).any()
+
+
+def test_split_is_deterministic_by_seed_and_independent_of_workers(tmp_path, english_text_file, tiny_tokenizer,
+                                                                   tiny_dataset_prefix):
+    common = dict(one_doc_per_line=True, valid_fraction=0.05)
+    again, _ = _run(tmp_path, [english_text_file], tiny_tokenizer, "again", seed=1234, workers=2, **common)
+    other, _ = _run(tmp_path, [english_text_file], tiny_tokenizer, "other", seed=99, **common)
+    for suffix in ("_train.bin", "_train.idx", "_valid.bin", "_valid.idx"):
+        assert Path(f"{again}{suffix}").read_bytes() == Path(f"{tiny_dataset_prefix}{suffix}").read_bytes()
+    assert Path(f"{other}_valid.bin").read_bytes() != Path(f"{again}_valid.bin").read_bytes()
+    assert len(IndexedDataset(f"{other}_valid")) == 15
+    assert _listing(tmp_path) == sorted(f"{name}{suffix}" for name in ("again", "other") for suffix in
+                                        ("_train.bin", "_train.idx", "_valid.bin", "_valid.idx", ".meta.json"))
+
+
+def test_blank_line_separated_documents_and_xz(tmp_path, tiny_tokenizer):
+    text = "\n\n".join(PARAGRAPHS).replace("Second", "\n\n  \nSecond") + "\n\n\n"
+    plain = tmp_path / "docs.txt"
+    plain.write_text(text, encoding="utf-8")
+    compressed = tmp_path / "docs.txt.xz"
+    compressed.write_bytes(lzma.compress(text.encode("utf-8")))
+    tokenizer = load_tokenizer(tiny_tokenizer)
+    for source in (plain, compressed):
+        prefix, meta = _run(tmp_path, [source], tiny_tokenizer, name=source.name)
+        assert _decode_split(prefix, "train", tokenizer) == PARAGRAPHS
+        assert meta["documents"] == 3 and meta["splits"]["valid"]["documents"] == 0
+        assert meta["text_bytes"] == len(text.encode("utf-8"))
+
+
+def test_jsonl_parquet_and_hf_dataset_inputs(tmp_path, tiny_tokenizer):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"body": text, "id": i}) + "\n" for i, text in enumerate(PARAGRAPHS)) +
+                     "\n" + json.dumps({"body": "   "}) + "\n" + json.dumps({"body": None}) + "\n", encoding="utf-8")
+    parquet = tmp_path / "docs.parquet"
+    pq.write_table(pa.table({"body": PARAGRAPHS + [""], "id": [0, 1, 2, 3]}), parquet)
+    hf_directory = tmp_path / "hf"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"body": PARAGRAPHS[:2]}),
+                          "test": datasets.Dataset.from_dict({"body": PARAGRAPHS[2:]})}).save_to_disk(hf_directory)
+    tokenizer = load_tokenizer(tiny_tokenizer)
+    expected_empty = {"docs.jsonl": 2, "docs.parquet": 1, "hf": 0}
+    for source in (jsonl, parquet, hf_directory):
+        prefix, meta = _run(tmp_path, [source], tiny_tokenizer, name=f"out-{source.name}", text_key="body")
+        assert _decode_split(prefix, "train", tokenizer) == PARAGRAPHS, source
+        assert meta["empty_documents_skipped"] == expected_empty[source.name]
+    with pytest.raises(DataError, match=r"docs.parquet: no column 'text'"):
+        _run(tmp_path, [parquet], tiny_tokenizer, name="bad")
+    with pytest.raises(DataError, match=r"hf: no column 'text'"):
+        _run(tmp_path, [hf_directory], tiny_tokenizer, name="bad")
+    with pytest.raises(DataError, match=r"docs.jsonl:1: no 'text' field"):
+        _run(tmp_path, [jsonl], tiny_tokenizer, name="bad")
+    assert not list(tmp_path.glob("bad*"))
+
+
+def test_several_inputs_and_globs_are_concatenated_in_order(tmp_path, tiny_tokenizer):
+    for i, text in enumerate(PARAGRAPHS):
+        (tmp_path / f"part{i}.txt").write_text(text + "\n", encoding="utf-8")
+    prefix, meta = _run(tmp_path, [tmp_path / "part0.txt", str(tmp_path / "part[12].txt")], tiny_tokenizer)
+    assert _decode_split(prefix, "train", load_tokenizer(tiny_tokenizer)) == PARAGRAPHS
+    assert [Path(source["path"]).name for source in meta["sources"]] == ["part0.txt", "part1.txt", "part2.txt"]
+
+
+def test_token_dtype_is_the_smallest_that_fits():
+    assert token_dtype(1000) is np.uint16 and token_dtype(65499) is np.uint16
+    assert token_dtype(65500) is np.int32 and token_dtype(250_000) is np.int32
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_nonexistent_and_empty_inputs(tmp_path, tiny_tokenizer):
+    with pytest.raises(DataError, match=r"missing.txt: input not found"):
+        _run(tmp_path, [tmp_path / "missing.txt"], tiny_tokenizer)
+    with pytest.raises(DataError, match=r"nothing-\*.txt: no input file matches"):
+        _run(tmp_path, [str(tmp_path / "nothing-*.txt")], tiny_tokenizer)
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    with pytest.raises(DataError, match=r"empty.txt: input file is empty"):
+        _run(tmp_path, [empty], tiny_tokenizer)
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n   \n\n")
+    with pytest.raises(DataError, match=r"blank.txt: no non-empty documents \(3 empty skipped\)"):
+        _run(tmp_path, [blank], tiny_tokenizer, one_doc_per_line=True)
+    assert _listing(tmp_path) == ["blank.txt", "empty.txt"]
+
+
+def test_invalid_utf8_names_file_and_byte_offset(tmp_path, tiny_tokenizer):
+    good = tmp_path / "good.txt"
+    good.write_text("\n".join(PARAGRAPHS) + "\n", encoding="utf-8")
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"first line\nsecond \xff line\n")
+    with pytest.raises(DataError, match=r"bad.txt: invalid UTF-8 at byte 18; pass --replace-invalid"):
+        _run(tmp_path, [good, bad], tiny_tokenizer, one_doc_per_line=True)
+    assert _listing(tmp_path) == ["bad.txt", "good.txt"]  # the good file was tokenized, nothing was kept
+
+
+def test_replace_invalid_counts_and_warns(tmp_path, tiny_tokenizer, capsys):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"first \xc3 line\nsecond \xff\xfe line \xef\xbf\xbd kept\n")
+    prefix, meta = _run(tmp_path, [bad], tiny_tokenizer, one_doc_per_line=True, replace_invalid=True)
+    assert meta["invalid_utf8_replaced"] == 3  # the genuine U+FFFD of the input is not counted
+    assert f"warning: replaced 3 invalid UTF-8 sequences with U+FFFD in {bad} (3)" in capsys.readouterr().err
+    assert _decode_split(prefix, "train", load_tokenizer(tiny_tokenizer)) == [
+        "first \ufffd line", "second \ufffd\ufffd line \ufffd kept"]
+
+
+def test_empty_documents_are_skipped_and_counted(tmp_path, tiny_tokenizer):
+    source = tmp_path / "docs.txt"
+    source.write_text("one\n\n  \ntwo\n\nthree\n", encoding="utf-8")
+    prefix, meta = _run(tmp_path, [source], tiny_tokenizer, one_doc_per_line=True)
+    assert meta["empty_documents_skipped"] == 3 and meta["documents"] == 3
+    assert _decode_split(prefix, "train", load_tokenizer(tiny_tokenizer)) == ["one", "two", "three"]
+
+
+def test_bad_jsonl_line_is_named(tmp_path, tiny_tokenizer):
+    source = tmp_path / "docs.jsonl"
+    source.write_text('{"text": "fine"}\n{"text": broken\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"docs.jsonl:2: invalid JSON"):
+        _run(tmp_path, [source], tiny_tokenizer)
+    source.write_text('{"text": 42}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"docs.jsonl: line 1: 'text' is a int, expected a string"):
+        _run(tmp_path, [source], tiny_tokenizer)
+
+
+def test_meta_vocab_must_match_tokenizer(tmp_path, english_text_file, tiny_tokenizer, tiny_dataset_prefix):
+    meta = check_meta_matches_tokenizer(tiny_dataset_prefix, tiny_tokenizer)
+    assert meta["tokenizer"]["vocab_size"] == 1000
+    smaller = train_tokenizer([english_text_file], tmp_path / "small.json", TrainConfig(vocab_size=600))
+    with pytest.raises(DataError, match=r"lee.meta.json: dataset vocab size 1000 differs from tokenizer .*small.json "
+                                        r"\(600\)"):
+        check_meta_matches_tokenizer(tiny_dataset_prefix, smaller)
+    # Same size and special ids, different merges: caught by the fingerprint.
+    retrained = train_tokenizer([english_text_file], tmp_path / "other.json",
+                                TrainConfig(vocab_size=1000, lowercase=True))
+    with pytest.raises(DataError, match=r"lee.meta.json: dataset was tokenized with a different tokenizer.json"):
+        check_meta_matches_tokenizer(tiny_dataset_prefix, retrained)
+    with pytest.raises(DataError, match=r"nowhere.meta.json: dataset metadata not found"):
+        load_meta(tmp_path / "nowhere")
+    (tmp_path / "broken.meta.json").write_text("{")
+    with pytest.raises(DataError, match=r"broken.meta.json: corrupt metadata"):
+        load_meta(tmp_path / "broken")
+
+
+def test_failure_late_leaves_previous_dataset_untouched(tmp_path, english_text_file, tiny_tokenizer, monkeypatch):
+    import pipeline.preprocess as preprocess_module
+
+    prefix, _ = _run(tmp_path, [english_text_file], tiny_tokenizer, one_doc_per_line=True, valid_fraction=0.1)
+    before = {name: (tmp_path / name).read_bytes() for name in _listing(tmp_path)}
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    # Fails after both splits were written to temporary files, just before meta.json.
+    monkeypatch.setattr(preprocess_module, "tokenizer_fingerprint", crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        _run(tmp_path, [english_text_file], tiny_tokenizer, one_doc_per_line=True, valid_fraction=0.5)
+    assert {name: (tmp_path / name).read_bytes() for name in _listing(tmp_path)} == before
+
+
+def test_cli_prints_one_error_line_and_exits_1(tmp_path, tiny_tokenizer):
+    environment = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.preprocess", "--input", str(tmp_path / "missing.txt"), "--tokenizer",
+         str(tiny_tokenizer), "--output-prefix", str(tmp_path / "out"), "--quiet"],
+        capture_output=True, text=True, env=environment, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'missing.txt'}: input not found"
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_writes_dataset(tmp_path, english_text_file, tiny_tokenizer, capsys):
+    prefix = tmp_path / "cli"
+    assert main(["--input", str(english_text_file), "--tokenizer", str(tiny_tokenizer), "--output-prefix",
+                 str(prefix), "--one-doc-per-line", "--valid-fraction", "0.1", "--workers", "2", "--quiet"]) == 0
+    assert "train 270 documents" in capsys.readouterr().out
+    assert load_meta(prefix)["splits"]["valid"]["documents"] == 30
