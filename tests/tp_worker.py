@@ -43,8 +43,9 @@ def make_batch(batch_size: int = 4, seq_len: int = 64, rate: float = 0.4, seed: 
 
 def tiny_config(architecture: str, pre_ln: bool, dropout: float = 0.0, **overrides):
     from model import ModelConfig
-    return ModelConfig.preset("tiny", architecture, vocab_size=VOCAB, pre_ln=pre_ln, hidden_dropout=dropout,
-                              attention_dropout=dropout, **overrides)
+    values = dict(vocab_size=VOCAB, pre_ln=pre_ln, hidden_dropout=dropout, attention_dropout=dropout)
+    values.update(overrides)
+    return ModelConfig.preset("tiny", architecture, **values)
 
 
 def _gather_full(model, what: str) -> dict[str, torch.Tensor]:
