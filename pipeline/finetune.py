@@ -15,7 +15,9 @@ reported number is a median over seeds; two selections are computed from the sam
   median over seeds.
 * ``grid-median``: for each grid point, the median over seeds; then the best grid point.
 
-The "median run" of an even number of seeds is the mean of the two middle runs. Metrics shown for a task are
+A task's score is the mean of its metrics (GLUE's rule: MNLI -m/-mm, MRPC/QQP F1/Acc, STS-B Pearson/Spearman;
+a custom task: the mean of its ``--metrics``); epochs, runs and grid points are ranked by it. The "median run"
+of an even number of seeds is the mean of the two middle runs. Metrics shown for a task are
 those of its median run(s), so the displayed metrics always average to the displayed task score. RTE, STS-B
 and MRPC can start from an MNLI-fine-tuned model (``--init-from DIR``, or ``--init-from mnli`` to use the best
 MNLI model of this invocation); a classifier head whose label count differs is re-initialised.
@@ -28,7 +30,6 @@ are in percent. ``--save-best-model`` also saves the best run's best epoch per t
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -168,11 +169,16 @@ class Selection:
     per_seed_best: list[tuple[int, GridPoint, float]]  # (seed, grid point, score) of the runs the median is over
 
 
+def rank_key(score: float) -> float:
+    """Ordering key for scores: nan (a diverged regression run) ranks below every finite score."""
+    return -math.inf if math.isnan(score) else score
+
+
 def median_of_runs(runs: Sequence[RunOutcome]) -> tuple[float, dict[str, float]]:
     """Median score over runs, with the metrics of the median run (mean of the two middle ones if even)."""
     if not runs:
         raise ValueError("no runs to take a median of")
-    ordered = sorted(runs, key=lambda run: run.score)
+    ordered = sorted(runs, key=lambda run: rank_key(run.score))
     middle = len(ordered) // 2
     middle_runs = ordered[middle : middle + 1] if len(ordered) % 2 else ordered[middle - 1 : middle + 1]
     score = float(np.mean([run.score for run in middle_runs]))
@@ -189,7 +195,7 @@ def select(runs: Sequence[RunOutcome], selection: str) -> Selection:
     if selection == "seed-best":
         best_by_seed: dict[int, RunOutcome] = {}
         for run in runs:
-            if run.seed not in best_by_seed or run.score > best_by_seed[run.seed].score:
+            if run.seed not in best_by_seed or rank_key(run.score) > rank_key(best_by_seed[run.seed].score):
                 best_by_seed[run.seed] = run
         chosen = list(best_by_seed.values())
         score, metrics = median_of_runs(chosen)
@@ -201,7 +207,7 @@ def select(runs: Sequence[RunOutcome], selection: str) -> Selection:
         best: tuple[float, dict[str, float], GridPoint] | None = None
         for point, point_runs in by_point.items():
             score, metrics = median_of_runs(point_runs)
-            if best is None or score > best[0]:
+            if best is None or rank_key(score) > rank_key(best[0]):
                 best = (score, metrics, point)
         assert best is not None
         chosen_runs = by_point[best[2]]
@@ -292,14 +298,17 @@ def encode_examples(tokenizer, examples: glue.Examples, max_length: int) -> Enco
     budget = max_length - special_count
     encoded = []
     for parts in zip(*pieces):
-        parts = [list(part) for part in parts]
-        while sum(len(part) for part in parts) > budget:
-            longest = max(range(len(parts)), key=lambda index: len(parts[index]))
-            parts[longest].pop()
         if len(parts) == 1:
-            encoded.append([bos, *parts[0], eos])
-        else:
-            encoded.append([bos, *parts[0], eos, eos, *parts[1], eos])
+            encoded.append([bos, *parts[0][:budget], eos])
+            continue
+        # Longest-first: drop one token at a time from the currently longer segment (the first on ties).
+        first_length, second_length = len(parts[0]), len(parts[1])
+        while first_length + second_length > budget:
+            if first_length >= second_length:
+                first_length -= 1
+            else:
+                second_length -= 1
+        encoded.append([bos, *parts[0][:first_length], eos, eos, *parts[1][:second_length], eos])
     return EncodedSplit(encoded, list(examples.labels))
 
 
@@ -406,7 +415,7 @@ def train_run(
     shuffle_generator = torch.Generator().manual_seed(seed)
 
     epoch_metrics: list[dict[str, float]] = []
-    best_score, best_epoch, best_state = -math.inf, 0, None
+    best_score, best_epoch, best_state = math.nan, 0, None
     for epoch in range(1, point.epochs + 1):
         model.train()
         order = torch.randperm(len(train.labels), generator=shuffle_generator).tolist()
@@ -428,7 +437,7 @@ def train_run(
         metrics = evaluate(model, task, dev, config, device, pad_id)
         epoch_metrics.append(metrics)
         score = glue.task_score(task.spec, metrics)
-        if score > best_score:
+        if best_epoch == 0 or rank_key(score) > rank_key(best_score):
             best_score, best_epoch = score, epoch
             if keep_best_state:
                 best_state = {key: value.detach().to("cpu", copy=True) for key, value in model.state_dict().items()}
@@ -572,6 +581,17 @@ def results_json(config: FinetuneConfig, results: dict[str, TaskResult], row_nam
     }
 
 
+def _finite_or_none(value):
+    """JSON-safe copy: nan/inf (only from diverged regression runs) become null, keeping the file strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(item) for item in value]
+    return value
+
+
 # ------------------------------------------------------------------------------------------------- driver
 
 
@@ -611,7 +631,7 @@ def finetune_task(
                 task, train, dev, source, point, seed, config, device, pad_id, keep_best_state=save_to is not None
             )
             runs.append(outcome)
-            if state is not None and (best_overall is None or outcome.score > best_overall[0]):
+            if state is not None and (best_overall is None or rank_key(outcome.score) > rank_key(best_overall[0])):
                 best_overall = (outcome.score, state)
             outer.update(1)
             outer.set_postfix(score=f"{outcome.score:.1f}")
@@ -684,7 +704,7 @@ def run(config: FinetuneConfig, tasks: Sequence[TaskSpec], data_dir: str | None)
               f"from {source} on {device}", file=sys.stderr)
         results[name] = finetune_task(task, source, tokenizer, config, device, save_to)
         document = results_json(config, results, row_name)
-        atomic_write_text(output_dir / "results.json", json.dumps(document, indent=2) + "\n")
+        atomic_write_text(output_dir / "results.json", json.dumps(_finite_or_none(document), indent=2) + "\n")
         atomic_write_text(output_dir / "results.md", markdown_table(results, config.selection, row_name))
     return document
 
@@ -737,7 +757,8 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--weight-decay", type=float, default=0.1)
     optim.add_argument("--warmup-ratio", type=float, default=0.06)
     optim.add_argument("--max-grad-norm", type=float, default=1.0)
-    optim.add_argument("--max-length", type=int, default=128)
+    optim.add_argument("--max-length", type=int, default=128,
+                       help="tokens per example incl. specials (the paper's efficient recipe: 128; longer: 512)")
     optim.add_argument("--eval-batch-size", type=int, default=64)
     optim.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
     optim.add_argument("--device", help="default: cuda when available, else cpu")
@@ -800,16 +821,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress=not args.no_progress,
             run_name=args.name,
         )
-        document = run(config, specs, args.data_dir)
+        run(config, specs, args.data_dir)
     except (FinetuneError, GlueDataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(markdown_table_from_file(Path(args.output_dir)))
-    return 0 if document else 1
-
-
-def markdown_table_from_file(output_dir: Path) -> str:
-    return (output_dir / "results.md").read_text(encoding="utf-8")
+    print((Path(args.output_dir) / "results.md").read_text(encoding="utf-8"))
+    return 0
 
 
 if __name__ == "__main__":

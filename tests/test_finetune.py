@@ -106,6 +106,10 @@ def test_selections_differ_as_defined():
     steady = [_run(1, 80.0, first), _run(2, 80.0, first), _run(1, 99.0, second), _run(2, 10.0, second)]
     assert finetune.select(steady, "grid-median").grid_point == first  # median 80 vs 54.5
     assert finetune.select(steady, "seed-best").score == pytest.approx((99.0 + 80.0) / 2)
+    # A diverged run (nan score) ranks below every finite one instead of poisoning the ordering.
+    diverged = [_run(1, float("nan"), second), _run(1, 70.0, first), _run(2, 60.0, first), _run(3, 50.0, first)]
+    assert finetune.select(diverged, "seed-best").score == 60.0
+    assert finetune.median_of_runs(diverged)[0] == 55.0  # ordered nan, 50, 60, 70: middle two
 
 
 def test_paper_grid_and_overrides():
