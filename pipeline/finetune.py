@@ -463,6 +463,13 @@ def _progress(iterable: Iterable, config: FinetuneConfig, **kwargs):
 # ------------------------------------------------------------------------------------------------- outputs
 
 
+def _default_mode(directory: bool) -> int:
+    # mkstemp/mkdtemp create private (0600/0700) entries; give results the permissions a plain open() would.
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write via a temporary file in the same directory and rename, so readers never see a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -472,6 +479,7 @@ def atomic_write_text(path: Path, text: str) -> None:
             stream.write(text)
             stream.flush()
             os.fsync(stream.fileno())
+        os.chmod(temporary, _default_mode(directory=False))
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
@@ -486,6 +494,7 @@ def save_model_atomically(model, tokenizer, target: Path) -> None:
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        os.chmod(staging, _default_mode(directory=True))
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)

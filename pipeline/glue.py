@@ -40,9 +40,13 @@ from typing import Callable, Sequence
 import numpy as np
 from scipy.stats import rankdata
 
+from pipeline.errors import DataError
 
-class GlueDataError(ValueError):
-    """A bad task input (missing file, missing column, unknown label, empty file); the message is one line."""
+
+class GlueDataError(DataError, ValueError):
+    """A bad task input (missing file, missing column, unknown label, empty file); the message is one line.
+
+    A ``DataError`` like the rest of the data path, so callers that handle those handle this too."""
 
 
 # --------------------------------------------------------------------------------------------------- metrics
