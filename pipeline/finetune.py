@@ -24,7 +24,9 @@ MNLI model of this invocation); a classifier head whose label count differs is r
 
 Outputs under ``--output-dir`` (written atomically, updated after every task): ``results.json`` (config, every
 run's per-epoch metrics, both selections, the macro average) and ``results.md`` (a Table-3-style row). Scores
-are in percent. ``--save-best-model`` also saves the best run's best epoch per task to ``<TASK>/best_model``.
+are in percent. Every finished run is also appended to ``<TASK>/runs.jsonl``; ``--resume`` continues an
+interrupted search from that log. ``--save-best-model`` also saves the best run's best epoch per task to
+``<TASK>/best_model``.
 """
 
 from __future__ import annotations
@@ -108,6 +110,9 @@ class FinetuneConfig:
     max_train_examples: int | None = None  # keep only the first N training examples (smoke tests)
     max_dev_examples: int | None = None
     progress: bool = True  # tqdm bars
+    # Reuse the runs already logged in <output_dir>/<TASK>/runs.jsonl by an interrupted invocation with the same
+    # settings; without it, a task's run log starts afresh.
+    resume: bool = False
     run_name: str | None = None  # the table's row name; default: the model directory's name
 
     def grid_for(self, task_name: str) -> list[GridPoint]:
@@ -166,7 +171,7 @@ class Selection:
     score: float
     metrics: dict[str, float]
     grid_point: GridPoint | None  # grid-median: the chosen grid point; seed-best: None (one per seed)
-    per_seed_best: list[tuple[int, GridPoint, float]]  # (seed, grid point, score) of the runs the median is over
+    median_over: list[tuple[int, GridPoint, float]]  # (seed, grid point, score) of the runs the median is over
 
 
 def rank_key(score: float) -> float:
@@ -557,7 +562,7 @@ def results_json(config: FinetuneConfig, results: dict[str, TaskResult], row_nam
                     "grid_point": asdict(chosen.grid_point) if chosen.grid_point else None,
                     "runs": [
                         {"seed": seed, "grid_point": asdict(point), "score": score}
-                        for seed, point, score in chosen.per_seed_best
+                        for seed, point, score in chosen.median_over
                     ],
                 }
                 for selection_name, chosen in result.selections.items()
@@ -565,18 +570,7 @@ def results_json(config: FinetuneConfig, results: dict[str, TaskResult], row_nam
             "init_from": result.init_from,
             "train_examples": result.train_examples,
             "dev_examples": result.dev_examples,
-            "runs": [
-                {
-                    "grid_point": asdict(run.grid_point),
-                    "seed": run.seed,
-                    "best_epoch": run.best_epoch,
-                    "score": run.score,
-                    "metrics": run.metrics,
-                    "epoch_metrics": run.epoch_metrics,
-                    "seconds": round(run.seconds, 3),
-                }
-                for run in result.runs
-            ],
+            "runs": [_run_record(run) for run in result.runs],
         }
     scores = {name: task["score"] for name, task in tasks.items()}
     return {
@@ -604,15 +598,93 @@ def _finite_or_none(value):
 # ------------------------------------------------------------------------------------------------- driver
 
 
+def run_settings(config: FinetuneConfig, task: TaskData, source: str, max_length: int) -> dict:
+    """What a logged run depends on besides its grid point and seed; --resume reuses runs only if it matches."""
+    return {
+        "source": str(Path(source).resolve()),
+        "train_examples": len(task.train),
+        "dev_examples": {suffix: len(split) for suffix, split in task.dev.items()},
+        "max_length": max_length,
+        "weight_decay": config.weight_decay,
+        "warmup_ratio": config.warmup_ratio,
+        "adam_betas": list(config.adam_betas),
+        "adam_eps": config.adam_eps,
+        "max_grad_norm": config.max_grad_norm,
+        "precision": config.precision,
+    }
+
+
+def _run_record(outcome: RunOutcome) -> dict:
+    return {
+        "grid_point": asdict(outcome.grid_point),
+        "seed": outcome.seed,
+        "best_epoch": outcome.best_epoch,
+        "score": outcome.score,
+        "metrics": outcome.metrics,
+        "epoch_metrics": outcome.epoch_metrics,
+        "seconds": round(outcome.seconds, 3),
+    }
+
+
+def _outcome_from_record(record: dict) -> RunOutcome:
+    def number(value):  # the log stores nan as null (strict JSON)
+        return math.nan if value is None else float(value)
+
+    return RunOutcome(
+        grid_point=GridPoint(**record["grid_point"]),
+        seed=int(record["seed"]),
+        best_epoch=int(record["best_epoch"]),
+        score=number(record["score"]),
+        metrics={key: number(value) for key, value in record["metrics"].items()},
+        epoch_metrics=[{key: number(value) for key, value in epoch.items()} for epoch in record["epoch_metrics"]],
+        seconds=float(record.get("seconds", 0.0)),
+    )
+
+
+def read_run_log(path: Path, settings: dict) -> list[RunOutcome]:
+    """Runs logged by an earlier invocation with the same settings (a torn last line is ignored)."""
+    if not path.is_file():
+        return []
+    outcomes = []
+    with open(path, encoding="utf-8") as handle:
+        lines = handle.read().splitlines()
+    for line_number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if line_number == len(lines):
+                break  # interrupted while appending
+            raise FinetuneError(f"{path}:{line_number}: not a run record; remove the file or drop --resume") from None
+        if record.get("settings") != settings:
+            raise FinetuneError(
+                f"{path}: runs were logged with other settings (model, data size or optimiser); "
+                "use a new --output-dir or drop --resume"
+            )
+        outcomes.append(_outcome_from_record(record))
+    return outcomes
+
+
+def append_run_log(path: Path, outcome: RunOutcome, settings: dict) -> None:
+    """One JSON line per finished run, flushed to disk so an interruption loses at most the current run."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(_finite_or_none({**_run_record(outcome), "settings": settings})) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
 def finetune_task(
     task: TaskData,
     source: str,
     tokenizer,
     config: FinetuneConfig,
     device: torch.device,
-    save_to: Path | None,
+    task_dir: Path,
+    save_best_model: bool,
 ) -> TaskResult:
-    """All grid points x seeds for one task; saves the best run's best epoch to ``save_to`` if given."""
+    """All grid points x seeds for one task. Each finished run is logged to ``task_dir/runs.jsonl``; with
+    ``save_best_model`` the best run's best epoch is (re)saved to ``task_dir/best_model`` whenever a run beats
+    every earlier one, so the saved model always matches the log."""
     from transformers import AutoConfig
 
     model_config = AutoConfig.from_pretrained(source)
@@ -631,25 +703,44 @@ def finetune_task(
 
     grid = config.grid_for(task.spec.name)
     seeds = config.seed_list()
+    settings = run_settings(config, task, source, max_length)
+    log_path = task_dir / "runs.jsonl"
+    best_model_dir = task_dir / "best_model"
+    if config.resume:
+        logged = {(run.grid_point, run.seed): run for run in read_run_log(log_path, settings)}
+        # Rewrite without a torn last line, so that the next appended record starts on a line of its own.
+        atomic_write_text(log_path, "".join(
+            json.dumps(_finite_or_none({**_run_record(run), "settings": settings})) + "\n" for run in logged.values()
+        ))
+        if save_best_model and logged and not (best_model_dir / "config.json").is_file():
+            raise FinetuneError(f"--resume: {log_path} has runs but {best_model_dir} is missing; drop --resume")
+    else:
+        logged = {}
+        if log_path.exists():
+            log_path.unlink()
     runs: list[RunOutcome] = []
-    best_overall: tuple[float, dict[str, torch.Tensor]] | None = None
-    outer = _progress(total=len(grid) * len(seeds), iterable=None, config=config, desc=f"{task.spec.name} runs")
+    best_score = max((rank_key(run.score) for run in logged.values()), default=-math.inf)
+    outer = _progress(None, config, total=len(grid) * len(seeds), desc=f"{task.spec.name} runs")
     for point in grid:
         for seed in seeds:
+            if (point, seed) in logged:
+                runs.append(logged[(point, seed)])
+                outer.update(1)
+                continue
             outcome, state = train_run(
-                task, train, dev, source, point, seed, config, device, pad_id, keep_best_state=save_to is not None
+                task, train, dev, source, point, seed, config, device, pad_id, keep_best_state=save_best_model
             )
             runs.append(outcome)
-            if state is not None and (best_overall is None or rank_key(outcome.score) > rank_key(best_overall[0])):
-                best_overall = (outcome.score, state)
+            append_run_log(log_path, outcome, settings)
+            if state is not None and (rank_key(outcome.score) > best_score or not best_model_dir.exists()):
+                best_score = max(best_score, rank_key(outcome.score))
+                model = load_classifier(source, task, seed=0)
+                model.load_state_dict(state)
+                save_model_atomically(model, tokenizer, best_model_dir)
+                del model
             outer.update(1)
             outer.set_postfix(score=f"{outcome.score:.1f}")
     outer.close()
-
-    if save_to is not None and best_overall is not None:
-        model = load_classifier(source, task, seed=0)
-        model.load_state_dict(best_overall[1])
-        save_model_atomically(model, tokenizer, save_to)
 
     selections = {name: select(runs, name) for name in ("seed-best", "grid-median")}
     return TaskResult(
@@ -708,10 +799,9 @@ def run(config: FinetuneConfig, tasks: Sequence[TaskSpec], data_dir: str | None)
         else:
             source = str(model_dir)
         keep = config.save_best_model or (config.init_from == "mnli" and name == "MNLI")
-        save_to = output_dir / name / "best_model" if keep else None
         print(f"{name}: {len(task.train)} train examples, dev {', '.join(str(len(s)) for s in task.dev.values())}; "
               f"from {source} on {device}", file=sys.stderr)
-        results[name] = finetune_task(task, source, tokenizer, config, device, save_to)
+        results[name] = finetune_task(task, source, tokenizer, config, device, output_dir / name, keep)
         document = results_json(config, results, row_name)
         atomic_write_text(output_dir / "results.json", json.dumps(_finite_or_none(document), indent=2) + "\n")
         atomic_write_text(output_dir / "results.md", markdown_table(results, config.selection, row_name))
@@ -774,6 +864,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--init-from", help="RTE/STS-B/MRPC (and custom tasks) start from this MNLI-fine-tuned "
                         "directory; 'mnli' uses the best MNLI model of this invocation")
     parser.add_argument("--save-best-model", action="store_true", help="save each task's best run to TASK/best_model")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the runs logged in OUTPUT_DIR/TASK/runs.jsonl by an interrupted invocation")
     parser.add_argument("--max-train-examples", type=int)
     parser.add_argument("--max-dev-examples", type=int)
     parser.add_argument("--name", help="row name in the table (default: the model directory's name)")
@@ -828,6 +920,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_train_examples=args.max_train_examples,
             max_dev_examples=args.max_dev_examples,
             progress=not args.no_progress,
+            resume=args.resume,
             run_name=args.name,
         )
         run(config, specs, args.data_dir)

@@ -99,7 +99,7 @@ def test_selections_differ_as_defined():
     seed_best = finetune.select(runs, "seed-best")
     # Per seed best over the grid: 95, 90, 80 -> median 90.
     assert seed_best.score == 90.0 and seed_best.grid_point is None
-    assert sorted(score for _, _, score in seed_best.per_seed_best) == [80.0, 90.0, 95.0]
+    assert sorted(score for _, _, score in seed_best.median_over) == [80.0, 90.0, 95.0]
     grid_median = finetune.select(runs, "grid-median")
     # Per grid point median: first 80, second 90 -> second.
     assert grid_median.score == 90.0 and grid_median.grid_point == second
@@ -318,3 +318,28 @@ def test_cli_bad_inputs(roberta_dir, tmp_path, capsys):
     message = _cli_error(capsys, ["--model", str(roberta_dir), "--tasks", "RTE", "--data-dir", str(tmp_path),
                                   "--precision", "fp16", "--device", "cpu", "--output-dir", output])
     assert "fp16 needs a GPU" in message
+
+
+def test_resume_reuses_logged_runs(roberta_dir, tmp_path, capsys):
+    rows = _cue_rows(80, seed=3)
+    train = _write_jsonl(tmp_path / "train.jsonl", rows[:60])
+    dev = _write_jsonl(tmp_path / "dev.jsonl", rows[60:])
+    output = tmp_path / "out"
+    argv = ["--model", str(roberta_dir), "--train-file", str(train), "--dev-file", str(dev), "--text-fields",
+            "sentence", "--label-field", "label", "--lr", "1e-3", "--batch-size", "16", "--epochs", "1",
+            "--seeds", "3", "--max-length", "32", "--output-dir", str(output), "--no-progress", "--save-best-model"]
+    assert finetune.main(argv) == 0
+    log = output / "custom" / "runs.jsonl"
+    first = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [record["seed"] for record in first] == [1, 2, 3]
+    assert (output / "custom" / "best_model" / "model.safetensors").is_file()
+    # Interrupted after the first run, while appending the second.
+    log.write_text(log.read_text().splitlines()[0] + "\n" + '{"grid_point": {"learn')
+    assert finetune.main(argv + ["--resume"]) == 0
+    resumed = json.loads((output / "results.json").read_text())["tasks"]["custom"]["runs"]
+    assert resumed[0]["seconds"] == first[0]["seconds"]  # reused, not re-run
+    assert [run["epoch_metrics"] for run in resumed] == [record["epoch_metrics"] for record in first]
+    assert [json.loads(line)["seed"] for line in log.read_text().splitlines()] == [1, 2, 3]  # torn line dropped
+    # Different settings: the log is not silently mixed in.
+    message = _cli_error(capsys, argv + ["--resume", "--max-length", "24"])
+    assert "runs were logged with other settings" in message
