@@ -1,0 +1,137 @@
+#!/bin/bash
+# Shared Slurm launcher for 3ML pre-training: `exec`-ed by slurm/pretrain_base.sh and slurm/pretrain_large.sh
+# inside the batch allocation (exec, so this shell *is* the batch shell and receives `--signal=B:USR1`).
+#
+# What it does, in order:
+#   1. derives the rendezvous: MASTER_ADDR = first host of `scontrol show hostnames "$SLURM_JOB_NODELIST"`,
+#      MASTER_PORT from the job id; each task gets RANK/LOCAL_RANK/WORLD_SIZE from SLURM_PROCID/SLURM_LOCALID/
+#      SLURM_NTASKS (slurm/rank_env.sh); NCCL and OpenMP defaults (only where unset);
+#   2. appends everything this job prints to RUN_DIR/logs/job-<id>-restart-<n>.log (one run directory for every
+#      job and restart of a run; RUN_DIR/logs/jobs.tsv lists them);
+#   3. resumes automatically: if RUN_DIR/checkpoints/latest exists it adds `--load RUN_DIR` (run_pretrain.py
+#      then picks the newest intact checkpoint);
+#   4. runs `srun ... python run_pretrain.py ...` in the background and waits for it;
+#   5. pre-emption: on SIGUSR1 (sent by Slurm `--signal=B:USR1@SECS` before the time limit, or by
+#      `scancel --signal=USR1 --batch JOBID`) it forwards USR1 to the srun step (srun passes it on to every
+#      task); run_pretrain.py saves a checkpoint at the next step boundary, writes RUN_DIR/stopped_by_signal and
+#      exits 0; then this script runs `scontrol requeue $SLURM_JOB_ID` and the requeued job resumes (step 3).
+#      SIGTERM (scancel, time limit reached) is forwarded too, but a cancelled job is not requeued.
+#
+# Alternative launcher (not used here): DeepSpeed's own Slurm launcher starts the tasks through srun itself:
+#     deepspeed --launcher slurm --hostfile HOSTFILE --num_nodes "$SLURM_NNODES" \
+#         --num_gpus "$SLURM_NTASKS_PER_NODE" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
+#         run_pretrain.py ARGS...
+#   (HOSTFILE lines `host slots=N` from `scontrol show hostnames`). The plain srun form above needs no hostfile,
+#   and Slurm then owns every task, so signals, `--kill-on-bad-exit` and accounting work per task.
+#
+# Inputs (environment; the batch scripts set defaults):
+#   REPO_DIR       checkout holding run_pretrain.py               [default: $SLURM_SUBMIT_DIR]
+#   PYTHON         interpreter                                     [default: REPO_DIR/.venv/bin/python, else python3]
+#   RUN_DIR        run directory (checkpoints/, metrics.jsonl, logs/)              (required)
+#   DATA_PREFIX    prefix written by `python -m pipeline.preprocess`              (required)
+#   TOKENIZER      tokenizer.json checked against the dataset       [default: none: the dataset's meta is used]
+#   RECIPE         paper recipe (base | large) or a recipe JSON     [default: base]
+#   DS_CONFIG      DeepSpeed config (name in ds_configs/ or path)   [default: the recipe's]
+#   TP_SIZE        tensor-parallel size                              [default: the recipe's / 1]
+#   TRAIN_ARGS     extra run_pretrain.py arguments (word-split), e.g. "--model-preset tiny --train-steps 20"
+#   REQUEUE_ON_SIGNAL  1: requeue after a USR1 stop (default); 0: just stop (slurm/chain.sh uses 0)
+#   MASTER_ADDR / MASTER_PORT   override the derived rendezvous (e.g. the fabric interface's address)
+set -euo pipefail
+
+if [[ -z "${SLURM_JOB_ID:-}" ]]; then
+    echo "launch.sh: not inside a Slurm job (submit slurm/pretrain_base.sh with sbatch)" >&2
+    exit 2
+fi
+
+REPO_DIR="${REPO_DIR:-${SLURM_SUBMIT_DIR:-$PWD}}"
+if [[ ! -f "$REPO_DIR/run_pretrain.py" ]]; then
+    echo "launch.sh: $REPO_DIR/run_pretrain.py not found (set REPO_DIR to the 3ML checkout)" >&2
+    exit 2
+fi
+if [[ -z "${PYTHON:-}" ]]; then
+    if [[ -x "$REPO_DIR/.venv/bin/python" ]]; then PYTHON="$REPO_DIR/.venv/bin/python"; else PYTHON=python3; fi
+fi
+: "${RUN_DIR:?launch.sh: set RUN_DIR (the run directory)}"
+: "${DATA_PREFIX:?launch.sh: set DATA_PREFIX (the prefix written by python -m pipeline.preprocess)}"
+RECIPE="${RECIPE:-base}"
+DS_CONFIG="${DS_CONFIG:-}"
+TP_SIZE="${TP_SIZE:-}"
+TOKENIZER="${TOKENIZER:-}"
+TRAIN_ARGS="${TRAIN_ARGS:-}"
+REQUEUE_ON_SIGNAL="${REQUEUE_ON_SIGNAL:-1}"
+RESTART_COUNT="${SLURM_RESTART_COUNT:-0}"
+
+# --- rendezvous and environment (only where the user has not set them) -------------------------------------
+if [[ -z "${MASTER_ADDR:-}" ]]; then
+    MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+fi
+# Derived from the job id so two jobs sharing a node do not collide; stable across requeues of one job.
+MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
+export MASTER_ADDR MASTER_PORT
+export PYTHONPATH="$REPO_DIR${PYTHONPATH:+:$PYTHONPATH}"
+# One OpenMP thread pool per task sized to its CPUs (not the whole node).
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
+export TOKENIZERS_PARALLELISM="${TOKENIZERS_PARALLELISM:-false}"
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$REPO_DIR/.cache/torch_extensions}"
+# NCCL: report problems, fail fast on a hung collective instead of waiting for the time limit. Interface and
+# InfiniBand selection are cluster-specific: set NCCL_SOCKET_IFNAME / NCCL_IB_HCA in the environment if needed.
+export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
+export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
+export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"
+
+# --- one run directory for every job and restart ---------------------------------------------------------
+mkdir -p "$RUN_DIR/logs"
+LOG_FILE="$RUN_DIR/logs/job-${SLURM_JOB_ID}-restart-${RESTART_COUNT}.log"
+exec > >(tee -a "$LOG_FILE") 2>&1
+printf '%s\t%s\t%s\t%s\t%s\n' "$SLURM_JOB_ID" "$RESTART_COUNT" "$(date -u +%FT%TZ)" "$SLURM_JOB_NODELIST" \
+    "${SLURM_NTASKS:-1}" >> "$RUN_DIR/logs/jobs.tsv"
+
+# --- the training command -------------------------------------------------------------------------------------
+train_cmd=("$PYTHON" "$REPO_DIR/run_pretrain.py" --recipe "$RECIPE" --data-prefix "$DATA_PREFIX" --save "$RUN_DIR")
+[[ -n "$TOKENIZER" ]] && train_cmd+=(--tokenizer "$TOKENIZER")
+[[ -n "$DS_CONFIG" ]] && train_cmd+=(--deepspeed_config "$DS_CONFIG")
+[[ -n "$TP_SIZE" ]] && train_cmd+=(--tensor-parallel-size "$TP_SIZE")
+if [[ -f "$RUN_DIR/checkpoints/latest" ]]; then
+    train_cmd+=(--load "$RUN_DIR")
+    echo "launch.sh: resuming from $RUN_DIR/checkpoints ($(cat "$RUN_DIR/checkpoints/latest"))"
+fi
+# shellcheck disable=SC2206  # TRAIN_ARGS is a user-supplied, word-split argument string
+train_cmd+=(${TRAIN_ARGS})
+
+echo "launch.sh: job $SLURM_JOB_ID restart $RESTART_COUNT on $SLURM_JOB_NODELIST: ${SLURM_NTASKS:-1} tasks," \
+     "MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT"
+echo "launch.sh: ${train_cmd[*]}"
+
+# --- run it, forwarding pre-emption signals ---------------------------------------------------------------------
+got_usr1=0
+got_term=0
+srun_pid=""
+forward() {  # $1 = signal name
+    if [[ -n "$srun_pid" ]]; then kill -s "$1" "$srun_pid" 2>/dev/null || true; fi
+}
+trap 'got_usr1=1; echo "launch.sh: SIGUSR1 received, asking training to checkpoint and stop"; forward USR1' USR1
+trap 'got_term=1; echo "launch.sh: SIGTERM received, asking training to checkpoint and stop"; forward TERM' TERM
+
+# --kill-on-bad-exit: one crashed rank ends the step instead of leaving the others blocked in a collective.
+srun --kill-on-bad-exit=1 --export=ALL "$REPO_DIR/slurm/rank_env.sh" "${train_cmd[@]}" &
+srun_pid=$!
+# `wait` returns early (status > 128) when a trapped signal arrives; keep waiting until srun really ended.
+train_rc=0
+while true; do
+    if wait "$srun_pid"; then train_rc=0; else train_rc=$?; fi
+    kill -0 "$srun_pid" 2>/dev/null || break
+done
+srun_pid=""
+echo "launch.sh: training exited with status $train_rc"
+
+# run_pretrain.py writes stopped_by_signal after a signal-triggered checkpoint (also when USR1 reached the tasks
+# directly, e.g. `scancel --signal=USR1 --full`); a clean stop that was not a cancellation is requeued.
+if [[ "$train_rc" == 0 && -f "$RUN_DIR/stopped_by_signal" && "$got_term" == 0 ]]; then
+    if [[ "$REQUEUE_ON_SIGNAL" == 1 ]]; then
+        echo "launch.sh: checkpoint saved ($(cat "$RUN_DIR/stopped_by_signal")); requeueing job $SLURM_JOB_ID"
+        scontrol requeue "$SLURM_JOB_ID"
+    else
+        echo "launch.sh: checkpoint saved; not requeueing (REQUEUE_ON_SIGNAL=$REQUEUE_ON_SIGNAL)"
+    fi
+fi
+exit "$train_rc"

@@ -1,0 +1,48 @@
+#!/bin/bash
+# Submits a pre-training batch script with the job size taken from variables instead of its #SBATCH defaults.
+#
+#   [NODES=4] [GPUS_PER_NODE=8] [TASKS_PER_NODE=...] [CPUS_PER_TASK=5] [MEM_PER_CPU=12G] [TIME_LIMIT=24:00:00] \
+#   [PARTITION=gpu] [ACCOUNT=proj] [JOB_NAME=...] [DEPENDENCY=afterany:123] \
+#       slurm/submit.sh slurm/pretrain_base.sh [more sbatch options...]
+#
+# Unset variables keep the script's #SBATCH value. GPUS_PER_NODE=0 submits a CPU job (`--gres=none`; then
+# TASKS_PER_NODE sets the number of ranks per node and DS_ACCELERATOR=cpu should be exported). Every other
+# variable of the environment (DATA_PREFIX, RUN_DIR, RECIPE, DS_CONFIG, TRAIN_ARGS, ...) reaches the job
+# (sbatch's default --export=ALL). Prints the job id.
+set -euo pipefail
+
+if [[ $# -lt 1 || ! -f "$1" ]]; then
+    echo "usage: slurm/submit.sh BATCH_SCRIPT [sbatch options...]  (${1:-no script given}: not a file)" >&2
+    exit 2
+fi
+BATCH_SCRIPT="$1"
+shift
+
+NODES="${NODES:-}"
+GPUS_PER_NODE="${GPUS_PER_NODE:-}"
+TASKS_PER_NODE="${TASKS_PER_NODE:-$GPUS_PER_NODE}"   # one task per GPU
+CPUS_PER_TASK="${CPUS_PER_TASK:-}"
+MEM_PER_CPU="${MEM_PER_CPU:-}"
+TIME_LIMIT="${TIME_LIMIT:-}"
+PARTITION="${PARTITION:-}"
+ACCOUNT="${ACCOUNT:-}"
+JOB_NAME="${JOB_NAME:-}"
+DEPENDENCY="${DEPENDENCY:-}"
+
+sbatch_args=(--parsable)
+[[ -n "$NODES" ]] && sbatch_args+=(--nodes="$NODES")
+if [[ -n "$GPUS_PER_NODE" ]]; then
+    if [[ "$GPUS_PER_NODE" == 0 ]]; then sbatch_args+=(--gres=none); else sbatch_args+=(--gres="gpu:$GPUS_PER_NODE"); fi
+fi
+[[ -n "$TASKS_PER_NODE" && "$TASKS_PER_NODE" != 0 ]] && sbatch_args+=(--ntasks-per-node="$TASKS_PER_NODE")
+[[ -n "$CPUS_PER_TASK" ]] && sbatch_args+=(--cpus-per-task="$CPUS_PER_TASK")
+[[ -n "$MEM_PER_CPU" ]] && sbatch_args+=(--mem-per-cpu="$MEM_PER_CPU")
+[[ -n "$TIME_LIMIT" ]] && sbatch_args+=(--time="$TIME_LIMIT")
+[[ -n "$PARTITION" ]] && sbatch_args+=(--partition="$PARTITION")
+[[ -n "$ACCOUNT" ]] && sbatch_args+=(--account="$ACCOUNT")
+[[ -n "$JOB_NAME" ]] && sbatch_args+=(--job-name="$JOB_NAME")
+[[ -n "$DEPENDENCY" ]] && sbatch_args+=(--dependency="$DEPENDENCY")
+# REPO_DIR reaches the job so the batch script finds launch.sh wherever sbatch is run from.
+export REPO_DIR="${REPO_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
+
+sbatch "${sbatch_args[@]}" "$@" "$BATCH_SCRIPT"
