@@ -428,7 +428,8 @@ def train_run(
         bar = _progress(batches, config, desc=f"{task.spec.name} {point.label()} seed={seed} epoch {epoch}",
                         leave=False)
         for indices in bar:
-            batch = {key: value.to(device) for key, value in collate(train, indices, pad_id, task.spec.regression).items()}
+            batch = collate(train, indices, pad_id, task.spec.regression)
+            batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
             with _autocast(device, config.precision):
                 loss = model(**batch).loss
             scaler.scale(loss).backward()

@@ -116,7 +116,7 @@ def _glue_tree(root: Path) -> Path:
     mrpc = ["Quality\t#1 ID\t#2 ID\t#1 String\t#2 String", "1\t1\t2\tHe said hi.\tHe greeted.",
             "0\t3\t4\tShe left.\tRain fell."]
     sts = ["index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore",
-           "0\tmain-captions\tMSRvid\t2012test\t0001\tnone\tnone\tA plane takes off.\tAn air plane is taking off.\t5.000",
+           "0\tmain-captions\tMSRvid\t2012test\t0001\tnone\tnone\tA plane takes off.\tA plane is taking off.\t5.000",
            "1\tmain-captions\tMSRvid\t2012test\t0004\tnone\tnone\tA man plays.\tA cat sleeps.\t0.500"]
     qqp = ["id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate", "0\t1\t2\tHow do I cook?\tHow to cook?\t1",
            "1\t3\t4\tWhy is the sky blue?\tWhat is rain?\t0", "2\t5\tbroken row"]
