@@ -8,11 +8,24 @@ Public API::
     model = build_model(ModelConfig.preset("base", "3ml-self"), init_seed=0)
     out = model(batch)            # ModelOutput(loss, loss_sum, num_predictions, loss_sum_by_kind, count_by_kind)
     model.encoder_state_dict()    # the part kept for fine-tuning (decoder dropped)
+
+``model.config`` is light; the rest imports megatron-core (slow), so it is loaded on first use.
 """
 
-from model.architectures import ModelOutput, PretrainingModel, TransformerEncoder, build_model
 from model.config import ARCHITECTURES, ModelConfig
-from model.tensor_parallel import merge_tensor_parallel_shards, split_for_tensor_parallel, tensor_parallel_dim
 
-__all__ = ["ARCHITECTURES", "ModelConfig", "ModelOutput", "PretrainingModel", "TransformerEncoder", "build_model",
-           "merge_tensor_parallel_shards", "split_for_tensor_parallel", "tensor_parallel_dim"]
+_LAZY = {
+    "ModelOutput": "model.architectures", "PretrainingModel": "model.architectures",
+    "TransformerEncoder": "model.architectures", "build_model": "model.architectures",
+    "merge_tensor_parallel_shards": "model.tensor_parallel", "split_for_tensor_parallel": "model.tensor_parallel",
+    "tensor_parallel_dim": "model.tensor_parallel",
+}
+
+__all__ = ["ARCHITECTURES", "ModelConfig", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'model' has no attribute {name!r}")

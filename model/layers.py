@@ -215,8 +215,9 @@ class OutputLayer(torch.nn.Module):
         self.bias = torch.nn.Parameter(torch.zeros(rows))
         set_tensor_model_parallel_attributes(self.bias, True, 0, 1)
         # Static per-rank mask of padded vocabulary rows (None when this rank has none).
+        has_padding = self.vocab_start + rows > config.vocab_size
         padded = torch.arange(self.vocab_start, self.vocab_start + rows) >= config.vocab_size
-        self.register_buffer("padded_rows", padded if bool(padded.any()) else None, persistent=False)
+        self.register_buffer("padded_rows", padded if has_padding else None, persistent=False)
 
     def forward(self, hidden: torch.Tensor, targets: torch.Tensor, embedding_weight: torch.Tensor) -> torch.Tensor:
         """hidden ``[B, N, d_en]`` (replicated), targets ``[B, N]`` (valid ids) -> per-token loss ``[B, N]`` fp32,
