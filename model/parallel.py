@@ -186,13 +186,24 @@ class MegatronMpuForDeepSpeed:
     def get_data_parallel_group(self):
         return parallel_state.get_data_parallel_group()
 
-    # Newer DeepSpeed versions ask for tensor-parallel names as well; they are the same groups here.
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return dist.get_process_group_ranks(parallel_state.get_data_parallel_group())
+
+    # Newer DeepSpeed code asks for the tensor-parallel names as well; they are the same groups here.
     get_tensor_model_parallel_rank = get_model_parallel_rank
     get_tensor_model_parallel_world_size = get_model_parallel_world_size
     get_tensor_model_parallel_group = get_model_parallel_group
-    # No pipeline parallelism: one stage.
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        """Global rank of TP rank 0 of this rank's TP group (DeepSpeed broadcasts inputs from it)."""
+        return parallel_state.get_tensor_model_parallel_src_rank()
+
+    # One pipeline stage.
     def get_pipeline_model_parallel_rank(self) -> int:
-        return 0
+        return parallel_state.get_pipeline_model_parallel_rank()
 
     def get_pipeline_model_parallel_world_size(self) -> int:
-        return 1
+        return parallel_state.get_pipeline_model_parallel_world_size()
+
+    def get_pipeline_model_parallel_group(self):
+        return parallel_state.get_pipeline_model_parallel_group()

@@ -259,6 +259,24 @@ def test_model_parallel_mpu_adapter():
     assert (mpu.get_model_parallel_rank(), mpu.get_model_parallel_world_size()) == (0, 1)
     assert (mpu.get_data_parallel_rank(), mpu.get_data_parallel_world_size()) == (0, 1)
     assert mpu.get_model_parallel_group() is not None and mpu.get_data_parallel_group() is not None
+    assert mpu.get_data_parallel_group_ranks() == [0] and mpu.get_tensor_model_parallel_src_rank() == 0
+    assert (mpu.get_pipeline_model_parallel_rank(), mpu.get_pipeline_model_parallel_world_size()) == (0, 1)
+
+
+def test_tensor_parallel_split_and_merge_round_trip():
+    from model import merge_tensor_parallel_shards, split_for_tensor_parallel, tensor_parallel_dim
+
+    full = torch.arange(6 * 8 * 4, dtype=torch.float32).reshape(6 * 8, 4)  # [W_q; W_k; W_v], 16 rows each
+    name = "encoder.layers.3.self_attention.qkv.weight"
+    shards = [split_for_tensor_parallel(name, full, rank, 2) for rank in range(2)]
+    # rank 0 holds the first half of each of W_q, W_k, W_v
+    assert torch.equal(shards[0], torch.cat([full[0:8], full[16:24], full[32:40]]))
+    assert torch.equal(merge_tensor_parallel_shards(name, shards), full)
+    assert tensor_parallel_dim("decoder.layers.0.cross_attention.out.weight") == 1
+    assert tensor_parallel_dim("decoder.layers.0.cross_attention.out.bias") is None
+    assert tensor_parallel_dim("encoder.embeddings.word_embeddings.weight") == 0
+    assert tensor_parallel_dim("encoder.embeddings.position_embeddings.weight") is None
+    assert tensor_parallel_dim("output_layer.bias") == 0
 
 
 def test_config_dataclass_fields_are_documented():
