@@ -36,13 +36,13 @@ Hugging Face RoBERTa counterparts for the exported encoder (``L`` = layer index)
     encoder.layers.L.self_attention.out.bias                         ...attention.output.dense.bias
     encoder.layers.L.self_attention_layernorm                        post-LN: ...attention.output.LayerNorm
                                                                      pre-LN (RobertaPreLayerNorm):
-                                                                     ...attention.self.LayerNorm
+                                                                     ...attention.LayerNorm
     encoder.layers.L.mlp.fc_in.{weight,bias}       dim 0             ...intermediate.dense
     encoder.layers.L.mlp.fc_out.weight             dim 1             ...output.dense.weight
     encoder.layers.L.mlp.fc_out.bias                                 ...output.dense.bias
     encoder.layers.L.mlp_layernorm                                   post-LN: ...output.LayerNorm;
                                                                      pre-LN: ...intermediate.LayerNorm
-    encoder.final_layernorm (pre-LN only)                            pre-LN: roberta_prelayernorm.LayerNorm
+    encoder.final_layernorm (pre-LN only)                            roberta_prelayernorm.LayerNorm (model level)
     head_transform.dense / .layernorm (mlm, 3ml-cross)               lm_head.dense / lm_head.layer_norm
     output_layer.bias                              [Vp/tp] dim 0     lm_head.bias (rows [:vocab_size])
     output_layer.weight (only if untied)           [Vp/tp, d] dim 0  lm_head.decoder.weight
@@ -64,8 +64,9 @@ from megatron.core import parallel_state
 from model.config import ModelConfig
 from model.layers import (HeadTransform, OutputLayer, TransformerStack, WordEmbedding, key_padding_mask,
                           megatron_config)
+from pipeline.masking import KIND_MASKED
 
-KIND_MASKED, KIND_REPLACED, KIND_UNCHANGED = 1, 2, 3  # pipeline.masking's corruption kinds
+
 
 
 @dataclass
