@@ -1,0 +1,328 @@
+"""Packed, masked pre-training samples over megatron-core indexed datasets, and the resumable sharded sampler.
+
+``PackedSequences`` implements RoBERTa's FULL-SENTENCES input format: the documents of a split, in order, form
+one token stream in which documents are joined by ``</s>``; the stream is cut into consecutive chunks of
+``seq_len - 2`` tokens and every chunk becomes ``<s> chunk </s>`` — exactly ``seq_len`` tokens, a long document
+spilling over several sequences, the last (partial) sequence padded with ``<pad>``. Every token of the split
+lands in exactly one sequence per epoch. The start (indexed-dataset sequence, token offset) of every chunk is
+computed once with numpy and cached next to the data; each epoch visits the sequences in an order shuffled by
+``(seed, epoch)``.
+
+``MaskedPretrainingDataset`` maps a *global* sample index ``g`` (counting across epochs) to a masked sample, so
+the masking (``pipeline.masking.Masker``) runs in DataLoader workers and depends only on ``g``.
+``PretrainingBatchSampler`` walks ``g`` from the number of consumed samples and gives each data-parallel rank its
+slice of every global micro-batch: a restart with the saved ``consumed_samples`` continues exactly where the
+interrupted run stopped.
+
+megatron-core's ``IndexedDataset`` returns views of its memory map; they are valid only while that object lives,
+so ``PackedSequences`` keeps it for its whole life and copies tokens out before returning them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import sys
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from pipeline.errors import DataError
+from pipeline.masking import MaskedSample, Masker, MaskingCollator, MaskingConfig, SpecialTokens
+from pipeline.preprocess import load_meta, meta_path, split_prefix
+
+_INDEX_HEADER = b"MMIDIDX\x00\x00"
+_INDEX_FIXED_BYTES = 9 + 8 + 1 + 8 + 8  # header, version, dtype code, sequence count, document count
+_DTYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 8, 7: 4, 8: 2}  # megatron-core DType codes -> item size
+_CACHE_FORMAT = 1
+
+
+def _check_index_file(idx_path: Path) -> tuple[int, int, int]:
+    """(item size, sequences, documents) of a .idx file whose size is consistent; DataError otherwise."""
+    size = idx_path.stat().st_size
+    with open(idx_path, "rb") as stream:
+        head = stream.read(_INDEX_FIXED_BYTES)
+    if len(head) < _INDEX_FIXED_BYTES:
+        raise DataError(f"{idx_path}: truncated index ({size} bytes, not even a header)")
+    if head[:9] != _INDEX_HEADER:
+        raise DataError(f"{idx_path}: not a megatron-core index file (bad header)")
+    version, dtype_code, sequences, documents = struct.unpack("<QBQQ", head[9:])
+    if version != 1 or dtype_code not in _DTYPE_SIZES:
+        raise DataError(f"{idx_path}: unsupported index version {version} / dtype code {dtype_code}")
+    expected = _INDEX_FIXED_BYTES + 4 * sequences + 8 * sequences + 8 * documents
+    if size < expected:
+        raise DataError(f"{idx_path}: truncated index ({size} bytes, expected {expected})")
+    if size != expected:
+        raise DataError(f"{idx_path}: index has {size} bytes, expected {expected} (multimodal or corrupt)")
+    return _DTYPE_SIZES[dtype_code], sequences, documents
+
+
+def open_indexed_dataset(path_prefix: str | os.PathLike):
+    """megatron-core ``IndexedDataset`` at ``path_prefix`` (.bin/.idx), after checking that neither file is
+    missing, truncated or inconsistent; DataError naming the file otherwise."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    idx_path, bin_path = Path(f"{path_prefix}.idx"), Path(f"{path_prefix}.bin")
+    for path in (idx_path, bin_path):
+        if not path.is_file():
+            raise DataError(f"{path}: dataset file not found")
+    item_size, sequences, documents = _check_index_file(idx_path)
+    try:
+        indexed = IndexedDataset(str(path_prefix))
+    except (AssertionError, ValueError) as error:
+        raise DataError(f"{idx_path}: corrupt index ({error or 'inconsistent document indices'})") from None
+    lengths = np.asarray(indexed.sequence_lengths, dtype=np.int64)
+    pointers = np.asarray(indexed.index.sequence_pointers, dtype=np.int64)
+    document_indices = np.asarray(indexed.document_indices, dtype=np.int64)
+    if documents < 1 or document_indices[0] != 0 or np.any(np.diff(document_indices) < 0) or np.any(lengths < 0):
+        raise DataError(f"{idx_path}: corrupt index (inconsistent sequence lengths or document indices)")
+    expected_bin = int(lengths.sum()) * item_size
+    if sequences and int(pointers[-1]) + int(lengths[-1]) * item_size != expected_bin:
+        raise DataError(f"{idx_path}: corrupt index (sequence pointers do not match lengths)")
+    actual_bin = bin_path.stat().st_size
+    if actual_bin != expected_bin:
+        state = "truncated" if actual_bin < expected_bin else "larger than its index says"
+        raise DataError(f"{bin_path}: data file {state} ({actual_bin} bytes, index expects {expected_bin})")
+    return indexed
+
+
+def _file_identity(path: Path) -> str:
+    stat = path.stat()
+    return hashlib.sha1(f"{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}".encode()).hexdigest()[:16]
+
+
+class PackedSequences:
+    """FULL-SENTENCES sequences of exactly ``seq_len`` tokens over one split (see the module docstring).
+
+    ``len()`` is the number of sequences per epoch; ``get(epoch, i)`` the i-th sequence of that epoch's shuffled
+    order, a fresh int64 array. Picklable (DataLoader workers reopen the files)."""
+
+    def __init__(self, path_prefix: str | os.PathLike, seq_len: int, special: SpecialTokens, seed: int,
+                 cache: bool = True):
+        if seq_len < 3:
+            raise ValueError(f"seq_len must be >= 3 (<s>, at least one token, </s>), got {seq_len}")
+        self.path_prefix = str(path_prefix)
+        self.seq_len = int(seq_len)
+        self.special = special
+        self.seed = int(seed)
+        self.cache = cache
+        self._open()
+
+    # The stream is made of the indexed dataset's sequences in order; a </s> follows the last sequence of every
+    # document except the final one. Megatron datasets written by other tools may hold several sequences
+    # (sentences) per document: those are concatenated without a separator.
+    def _open(self) -> None:
+        self._indexed = open_indexed_dataset(self.path_prefix)
+        self._lengths = np.array(self._indexed.sequence_lengths, dtype=np.int64)  # copied out of the mmap
+        document_ends = np.array(self._indexed.document_indices[1:], dtype=np.int64) - 1
+        self._separator_after = np.zeros(self._lengths.size, dtype=bool)
+        self._separator_after[document_ends[document_ends >= 0]] = True
+        if self._lengths.size:
+            self._separator_after[-1] = False
+        self.content_len = self.seq_len - 2
+        self.stream_tokens = int(self._lengths.sum() + self._separator_after.sum())
+        self._num_sequences = -(-self.stream_tokens // self.content_len)
+        self._starts = self._load_or_build_starts()
+        self._epoch_order: tuple[int, np.ndarray] | None = None
+
+    def __getstate__(self):
+        return {"path_prefix": self.path_prefix, "seq_len": self.seq_len, "special": self.special,
+                "seed": self.seed, "cache": self.cache}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._open()
+
+    def __len__(self) -> int:
+        return self._num_sequences
+
+    @property
+    def cache_path(self) -> Path:
+        # The starts depend on seq_len and the index contents only; the seed shuffles epochs at run time.
+        identity = _file_identity(Path(f"{self.path_prefix}.idx"))
+        return Path(f"{self.path_prefix}.packed-L{self.seq_len}-{identity}.npy")
+
+    def _build_starts(self) -> np.ndarray:
+        """[n, 2] int64: (indexed-dataset sequence, token offset in it) where each chunk starts; an offset equal
+        to the sequence's length points at the </s> that follows it."""
+        unit_lengths = self._lengths + self._separator_after
+        unit_starts = np.concatenate([[0], np.cumsum(unit_lengths)[:-1]]) if unit_lengths.size else np.zeros(0)
+        chunk_starts = np.arange(self._num_sequences, dtype=np.int64) * self.content_len
+        units = np.searchsorted(unit_starts, chunk_starts, side="right") - 1
+        starts = np.empty((self._num_sequences, 2), dtype=np.int64)
+        starts[:, 0] = units
+        starts[:, 1] = chunk_starts - unit_starts[units] if self._num_sequences else 0
+        return starts
+
+    def _load_or_build_starts(self) -> np.ndarray:
+        path = self.cache_path if self.cache else None
+        if path is not None and path.is_file():
+            try:
+                starts = np.load(path, mmap_mode="r")
+                if starts.shape == (self._num_sequences, 2) and starts.dtype == np.int64:
+                    return starts
+            except (OSError, ValueError):
+                pass  # unreadable cache: rebuild and overwrite it
+        starts = self._build_starts()
+        if path is not None:
+            temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            try:
+                with open(temporary, "wb") as stream:
+                    np.save(stream, starts)
+                os.replace(temporary, path)  # atomic: concurrent ranks write identical content
+            except OSError as error:
+                warnings.warn(f"cannot cache the sample index at {path} ({error}); keeping it in memory")
+            finally:
+                temporary.unlink(missing_ok=True)
+        return starts
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The order in which epoch ``epoch`` visits the sequences (a permutation seeded by (seed, epoch))."""
+        if self._epoch_order is None or self._epoch_order[0] != epoch:
+            order = np.random.default_rng([self.seed, int(epoch)]).permutation(self._num_sequences)
+            self._epoch_order = (int(epoch), order)
+        return self._epoch_order[1]
+
+    def sequence(self, j: int) -> np.ndarray:
+        """Sequence number ``j`` in stream order (unshuffled)."""
+        if not 0 <= j < self._num_sequences:
+            raise IndexError(f"sequence {j} out of range [0, {self._num_sequences})")
+        content = min(self.content_len, self.stream_tokens - j * self.content_len)
+        out = np.full(self.seq_len, self.special.pad, dtype=np.int64)
+        out[0] = self.special.bos
+        unit, offset = int(self._starts[j, 0]), int(self._starts[j, 1])
+        position, end = 1, 1 + content
+        while position < end:
+            length = int(self._lengths[unit])
+            if offset < length:
+                take = min(length - offset, end - position)
+                out[position:position + take] = self._indexed.get(unit, offset, take)  # copies out of the mmap
+                position += take
+                offset += take
+            else:
+                if self._separator_after[unit]:
+                    out[position] = self.special.eos
+                    position += 1
+                unit, offset = unit + 1, 0
+        out[end] = self.special.eos
+        return out
+
+    def get(self, epoch: int, i: int) -> np.ndarray:
+        """The i-th sequence of epoch ``epoch`` (int64, ``seq_len`` tokens)."""
+        if not 0 <= i < self._num_sequences:
+            raise IndexError(f"sample {i} out of range [0, {self._num_sequences})")
+        return self.sequence(int(self.epoch_order(epoch)[i]))
+
+
+class MaskedPretrainingDataset(torch.utils.data.Dataset):
+    """Map-style dataset over the global sample index ``g`` (epoch = g // len(packed)), returning
+    ``MaskedSample``s; ``len()`` is ``total_samples`` if given, else one epoch."""
+
+    def __init__(self, packed: PackedSequences, masker: Masker, total_samples: int | None = None):
+        if len(packed) == 0:
+            raise DataError(f"{packed.path_prefix}.idx: dataset split holds no tokens")
+        self.packed = packed
+        self.masker = masker
+        self.total_samples = total_samples
+
+    def __len__(self) -> int:
+        return self.total_samples if self.total_samples is not None else len(self.packed)
+
+    def __getitem__(self, g: int) -> MaskedSample:
+        if g < 0:
+            raise IndexError(f"negative sample index {g}")
+        epoch, i = divmod(int(g), len(self.packed))
+        return self.masker(self.packed.get(epoch, i), sample_index=int(g), epoch=epoch)
+
+
+class PretrainingBatchSampler(torch.utils.data.Sampler):
+    """Yields this data-parallel rank's micro-batches of global sample indices.
+
+    Global micro-batch ``b`` covers ``g`` in ``[start, start + micro_batch_size * dp_size)`` with
+    ``start = consumed_samples + b * micro_batch_size * dp_size``; rank ``r`` gets the ``r``-th slice of
+    ``micro_batch_size``. ``total_samples=None`` runs forever (across epochs); otherwise an incomplete last
+    global micro-batch is dropped unless ``drop_last=False`` (then each rank yields what is left of its slice,
+    possibly nothing)."""
+
+    def __init__(self, total_samples: int | None, consumed_samples: int, micro_batch_size: int, dp_rank: int,
+                 dp_size: int, drop_last: bool = True):
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        if dp_size < 1 or not 0 <= dp_rank < dp_size:
+            raise ValueError(f"need 0 <= dp_rank < dp_size, got dp_rank={dp_rank}, dp_size={dp_size}")
+        if consumed_samples < 0:
+            raise ValueError(f"consumed_samples must be >= 0, got {consumed_samples}")
+        if total_samples is not None and consumed_samples > total_samples:
+            raise ValueError(f"consumed_samples {consumed_samples} > total_samples {total_samples}")
+        self.total_samples = total_samples
+        self.consumed_samples = int(consumed_samples)
+        self.micro_batch_size = int(micro_batch_size)
+        self.dp_rank = int(dp_rank)
+        self.dp_size = int(dp_size)
+        self.drop_last = drop_last
+
+    @property
+    def global_micro_batch(self) -> int:
+        return self.micro_batch_size * self.dp_size
+
+    def __len__(self) -> int:
+        if self.total_samples is None:
+            raise TypeError("an endless PretrainingBatchSampler (total_samples=None) has no length")
+        remaining = self.total_samples - self.consumed_samples
+        full = remaining // self.global_micro_batch
+        if not self.drop_last:
+            tail_start = self.dp_rank * self.micro_batch_size
+            full += int(remaining % self.global_micro_batch > tail_start)
+        return full
+
+    def __iter__(self) -> Iterator[list[int]]:
+        start = self.consumed_samples
+        while self.total_samples is None or start + self.global_micro_batch <= self.total_samples:
+            first = start + self.dp_rank * self.micro_batch_size
+            yield list(range(first, first + self.micro_batch_size))
+            start += self.global_micro_batch
+        if not self.drop_last and start < self.total_samples:
+            first = start + self.dp_rank * self.micro_batch_size
+            last = min(first + self.micro_batch_size, self.total_samples)
+            if first < last:
+                yield list(range(first, last))
+
+
+def check_dataset_vocabulary(prefix: str | os.PathLike, special: SpecialTokens, vocab_size: int) -> None:
+    """Raises DataError if ``prefix``'s meta.json (when present) says its ids do not fit ``vocab_size`` or its
+    special tokens differ from ``special``."""
+    if not meta_path(prefix).is_file():
+        return
+    meta = load_meta(prefix)
+    dataset_vocab = meta["tokenizer"]["vocab_size"]
+    if dataset_vocab > vocab_size:  # a model vocabulary padded beyond the tokenizer's is fine
+        raise DataError(f"{meta_path(prefix)}: dataset vocab size {dataset_vocab} exceeds the model's {vocab_size}")
+    expected = {"bos": special.bos, "pad": special.pad, "eos": special.eos, "unk": special.unk, "mask": special.mask}
+    if meta["special_tokens"] != expected:
+        raise DataError(f"{meta_path(prefix)}: dataset special token ids {meta['special_tokens']} differ from the "
+                        f"tokenizer's {expected}")
+
+
+def build_pretraining_dataloader(prefix: str | os.PathLike, split: str, seq_len: int, masking: MaskingConfig,
+                                 special: SpecialTokens, vocab_size: int, micro_batch_size: int, dp_rank: int,
+                                 dp_size: int, consumed_samples: int, num_workers: int, seed: int,
+                                 total_samples: int | None = None, drop_last: bool = True,
+                                 prefetch_factor: int = 4) -> torch.utils.data.DataLoader:
+    """DataLoader of masked batch dicts (``pipeline.masking`` layout) for one data-parallel rank.
+
+    ``prefix`` is the preprocessing output prefix, ``split`` ``"train"`` or ``"valid"``; ``seed`` shuffles the
+    epochs (masks use ``masking.seed``). ``len(loader.dataset.packed)`` is the number of sequences per epoch."""
+    check_dataset_vocabulary(prefix, special, vocab_size)
+    packed = PackedSequences(split_prefix(prefix, split), seq_len, special, seed)
+    dataset = MaskedPretrainingDataset(packed, Masker(masking, special, vocab_size), total_samples)
+    sampler = PretrainingBatchSampler(total_samples, consumed_samples, micro_batch_size, dp_rank, dp_size,
+                                      drop_last=drop_last)
+    extra = {"persistent_workers": True, "prefetch_factor": prefetch_factor} if num_workers > 0 else {}
+    context = "fork" if (num_workers > 0 and sys.platform == "linux") else None
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=MaskingCollator(masking, special.pad),
+        pin_memory=torch.cuda.is_available(), multiprocessing_context=context, **extra)
