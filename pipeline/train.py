@@ -540,7 +540,7 @@ class Trainer:
         from pipeline.flops import training_flops
 
         self.flops_per_step = float(training_flops(cfg.model, training.global_batch_size, training.seq_len,
-                                                   cfg.masking.rate))
+                                                   cfg.masking.rate, mask_fraction=cfg.masking.fractions[0]))
         self._build_data()
         self._open_logs()
 
@@ -823,9 +823,9 @@ class Trainer:
             if self.run_dir is not None and self.step % runtime.save_interval == 0:
                 self.save_checkpoint()
                 saved_at = self.step
-            pause = _pause_hook(PAUSE_AFTER_STEP_ENV, self.step)
-            if pause:
-                time.sleep(pause)
+            pause_until = time.monotonic() + _pause_hook(PAUSE_AFTER_STEP_ENV, self.step)
+            while time.monotonic() < pause_until and not self.stop_signal.received:
+                time.sleep(0.05)
             if self._stop_requested():
                 stop_reason = self.stop_signal.name or "signal"
                 break
