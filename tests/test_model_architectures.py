@@ -138,6 +138,27 @@ def test_3ml_result_depends_on_masked_ids_only_through_masking(arch):
     assert not torch.equal(mlm(batch).loss, mlm(scrambled).loss)
 
 
+@pytest.mark.parametrize("arch", ["3ml-self", "3ml-cross"])
+def test_3ml_order_of_the_kept_sequence_does_not_matter(arch):
+    """Shuffling the encoder's slots (and re-pointing kept_pred_index) leaves the loss unchanged: the encoder
+    knows where a token is only through its original position id."""
+    batch = make_batch(n_pad_last=20)
+    model = build(arch, pre_ln=True)
+    reference = model(batch).loss_sum_by_kind
+    generator = torch.Generator().manual_seed(0)
+    permuted = dict(batch)
+    rows = []
+    for b in range(batch["kept_positions"].shape[0]):
+        perm = torch.randperm(batch["kept_positions"].shape[1], generator=generator)
+        inverse = torch.argsort(perm)
+        rows.append((perm, inverse))
+    permuted["kept_positions"] = torch.stack([batch["kept_positions"][b, p] for b, (p, _) in enumerate(rows)])
+    permuted["kept_valid"] = torch.stack([batch["kept_valid"][b, p] for b, (p, _) in enumerate(rows)])
+    permuted["kept_pred_index"] = torch.stack([inv[batch["kept_pred_index"][b]] for b, (_, inv) in enumerate(rows)])
+    assert not torch.equal(permuted["kept_positions"], batch["kept_positions"])
+    torch.testing.assert_close(model(permuted).loss_sum_by_kind, reference, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_padding_is_excluded_through_masks(arch):
     """Ids at padded positions and the length of the padded index tensors do not change anything."""
