@@ -98,8 +98,10 @@ def run(rank: int, world: int, store_file: str) -> dict:
     results: dict = {"exact": {}, "dropout_losses": {}, "attributes_wrong": []}
     for tp in (1, 2):
         initialize_model_parallel(tp, seed=123)
-        for arch, pre_ln in ARCH_LN:
-            model = build_model(tiny_config(arch, pre_ln), init_seed=7)
+        for arch, pre_ln in ARCH_LN + [("mlm-untied", False)]:
+            config = (tiny_config("mlm", pre_ln, tie_embeddings=False) if arch == "mlm-untied"
+                      else tiny_config(arch, pre_ln))
+            model = build_model(config, init_seed=7)
             if tp == 2:
                 results["attributes_wrong"] += _partition_attributes_match(model)
             params = _gather_full(model, "param")
