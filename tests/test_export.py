@@ -1,0 +1,151 @@
+"""python -m pipeline.export: ZeRO-2 and ZeRO-3 checkpoints trained with TP=2 (2 CPU ranks) -> Hugging Face.
+
+transformers loads the exported directory (AutoModel, AutoModelForMaskedLM, AutoTokenizer) and its hidden
+states equal the pipeline's own encoder (built at TP=1 from the consolidated, TP-merged weights) on the same
+input in fp32 (<= 1e-5); so do the MLM-head logits where the architecture has an encoder-width head.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from export_training import REPO, subprocess_env, tiny_train_args, torchrun  # noqa: E402
+
+TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, tiny_dataset_prefix, tiny_tokenizer):
+    """Two short runs with 2 ranks at TP=2: 3MLself (post-LN) under ZeRO-2, 3MLcross (pre-LN) under ZeRO-3."""
+    root = tmp_path_factory.mktemp("export_ckpt")
+    runs = {}
+    for name, architecture, ds_config in (("zero2", "3ml-self", "zero2_fp32.json"),
+                                          ("zero3", "3ml-cross", "zero3_fp32.json")):
+        run_dir = root / name
+        torchrun(2, tiny_train_args(tiny_dataset_prefix, tiny_tokenizer, run_dir, steps=3,
+                                    architecture=architecture, ds_config=ds_config, tp=2), root / f"{name}.log")
+        runs[name] = run_dir
+    return runs
+
+
+def _export(run_dir: Path, output: Path, *extra: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", "pipeline.export", str(run_dir), "--output", str(output), *extra],
+                          env=subprocess_env(), capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def _own_model(state: dict, config):
+    """The pipeline's model at TP=1 holding the exported checkpoint's weights."""
+    from model import build_model
+    from model.parallel import initialize_single_process
+
+    initialize_single_process()
+    model = build_model(config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all(name.endswith("_extra_state") for name in missing), (missing, unexpected)
+    return model.eval()
+
+
+def _inputs(export_dir: Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(export_dir))
+    batch = tokenizer(["The Prime Minister said the fires were under control.",
+                       "Rain is forecast."], padding=True, return_tensors="pt")
+    assert batch["attention_mask"][1].sum() < batch["attention_mask"][0].sum()  # the second row is padded
+    return batch["input_ids"], batch["attention_mask"].bool()
+
+
+def _check_export(run_dir: Path, export_dir: Path, expect_type: str, expect_head: bool):
+    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
+
+    from model import ModelConfig
+    from pipeline.checkpoint import find_resume_point, read_run_config
+    from pipeline.export import load_merged_state_dict
+
+    point = find_resume_point(run_dir)
+    run_config = read_run_config(point.tag_dir)
+    config = ModelConfig.from_dict(run_config["config"]["model"])
+    state = load_merged_state_dict(point.tag_dir, run_config)
+    own = _own_model(state, config)
+
+    hf_config = AutoConfig.from_pretrained(str(export_dir))
+    assert hf_config.model_type == expect_type
+    info = json.loads((export_dir / "export_info.json").read_text())
+    assert info["tensor_parallel_size"] == 2 and info["step"] == 3
+
+    input_ids, mask = _inputs(export_dir)
+    with torch.no_grad():
+        ours = own.encoder(input_ids, mask)
+        hf = AutoModel.from_pretrained(str(export_dir)).eval()
+        theirs = hf(input_ids=input_ids, attention_mask=mask.long()).last_hidden_state
+    # Padding rows are never used (and HF numbers their positions differently); compare real tokens.
+    diff = (ours - theirs)[mask].abs().max().item()
+    assert diff <= TOLERANCE, f"hidden states differ by {diff}"
+
+    if expect_head:
+        with torch.no_grad():
+            hidden = own.encoder(input_ids, mask)
+            vocab = config.vocab_size
+            our_logits = torch.nn.functional.linear(own.head_transform(hidden),
+                                                    own.encoder.embeddings.word_embeddings.weight[:vocab],
+                                                    own.output_layer.bias[:vocab])
+            mlm = AutoModelForMaskedLM.from_pretrained(str(export_dir)).eval()
+            their_logits = mlm(input_ids=input_ids, attention_mask=mask.long()).logits
+        diff = (our_logits - their_logits)[mask].abs().max().item()
+        assert diff <= TOLERANCE, f"MLM logits differ by {diff}"
+    return state, config
+
+
+def test_export_zero2_tp2_post_ln_encoder(checkpoints, tmp_path):
+    export_dir = tmp_path / "hf"
+    out = _export(checkpoints["zero2"], export_dir)
+    assert "ZeRO-2, TP=2" in out and "as roberta" in out
+    state, _ = _check_export(checkpoints["zero2"], export_dir, "roberta", expect_head=False)
+    # The decoder is dropped from the HF weights.
+    from safetensors.torch import load_file
+    assert not any("decoder" in name for name in load_file(str(export_dir / "model.safetensors")))
+    # fp32 ZeRO-2: DeepSpeed's consolidated fp32 master weights are the module weights of the TP shards.
+    from model import split_for_tensor_parallel
+    from pipeline.checkpoint import find_resume_point, load_module_state_dicts
+    module_shards = load_module_state_dicts(find_resume_point(checkpoints["zero2"]).tag_dir)
+    for rank, shard in enumerate(module_shards):
+        for name, tensor in shard.items():
+            if isinstance(tensor, torch.Tensor):
+                assert torch.equal(split_for_tensor_parallel(name, state[name], rank, 2), tensor), name
+
+
+def test_export_zero3_tp2_pre_ln_with_mlm_head_and_decoder(checkpoints, tmp_path):
+    export_dir = tmp_path / "hf"
+    out = _export(checkpoints["zero3"], export_dir, "--with-decoder")
+    assert "ZeRO-3, TP=2" in out and "roberta-prelayernorm with the MLM head" in out
+    state, config = _check_export(checkpoints["zero3"], export_dir, "roberta-prelayernorm", expect_head=True)
+    # The full model (decoder included) reloads with the same weights.
+    from pipeline.export import load_full_model
+    full = load_full_model(export_dir)
+    full_state = full.state_dict()
+    assert any(name.startswith("decoder.") for name in state)
+    for name, tensor in state.items():
+        assert torch.equal(full_state[name], tensor), name
+
+
+def test_export_refuses_bad_input(checkpoints, tmp_path):
+    missing = tmp_path / "nowhere"
+    proc = subprocess.run([sys.executable, "-m", "pipeline.export", str(missing), "--output", str(tmp_path / "o")],
+                          env=subprocess_env(), capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 1 and str(missing) in proc.stderr and "Traceback" not in proc.stderr
+    existing = tmp_path / "exists"
+    existing.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "pipeline.export", str(checkpoints["zero2"]), "--output",
+                           str(existing)], env=subprocess_env(), capture_output=True, text=True, timeout=120,
+                          cwd=REPO)
+    assert proc.returncode == 1 and "already exists" in proc.stderr
+    assert not list(tmp_path.glob(".*partial*"))  # nothing half-written left behind
