@@ -1,0 +1,106 @@
+"""Checkpoint layout logic without DeepSpeed: atomic commit, manifest verification, fallback to the previous
+complete checkpoint, pruning, and config comparison."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline import checkpoint as ckpt
+
+
+def fake_save(ckpt_dir, step, payload=b"weights"):
+    """What engine.save_checkpoint + our commit produce for one step."""
+    tag = ckpt.tag_for_step(step)
+    partial = ckpt_dir / ckpt.partial_tag(tag)
+    partial.mkdir(parents=True)
+    (partial / "mp_rank_00_model_states.pt").write_bytes(payload * 100)
+    (partial / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(payload * 300)
+    ckpt.commit_checkpoint(ckpt_dir, tag, step, {"step": step, "config": {"model": {"hidden_size": 64}}})
+    return ckpt_dir / tag
+
+
+def test_commit_makes_a_verified_checkpoint_and_updates_latest(tmp_path):
+    tag_dir = fake_save(tmp_path, 10)
+    assert ckpt.read_latest(tmp_path) == "step_00000010"
+    assert ckpt.verify_checkpoint(tag_dir) is None
+    manifest = json.loads((tag_dir / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                                      "run_config.json"}
+    assert ckpt.read_run_config(tag_dir)["step"] == 10
+    point = ckpt.find_resume_point(tmp_path)
+    assert point.tag == "step_00000010" and point.skipped == ()
+
+
+def test_run_dir_and_explicit_tag_are_accepted(tmp_path):
+    run_dir = tmp_path / "run"
+    tag_dir = fake_save(ckpt.checkpoints_dir(run_dir), 4)
+    assert ckpt.find_resume_point(run_dir).tag_dir == tag_dir
+    assert ckpt.find_resume_point(tag_dir).tag_dir == tag_dir
+    assert ckpt.find_resume_point(tmp_path / "missing") is None  # a fresh --load directory starts from scratch
+
+
+def test_interrupted_save_is_invisible(tmp_path):
+    fake_save(tmp_path, 10)
+    partial = tmp_path / ckpt.partial_tag("step_00000020")
+    partial.mkdir()
+    (partial / "mp_rank_00_model_states.pt").write_bytes(b"half")
+    assert ckpt.read_latest(tmp_path) == "step_00000010"
+    assert ckpt.complete_tags(tmp_path) == ["step_00000010"]
+    assert ckpt.find_resume_point(tmp_path).tag == "step_00000010"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "no_manifest"])
+def test_damaged_latest_falls_back_to_previous_complete(tmp_path, damage):
+    fake_save(tmp_path, 10)
+    newest = fake_save(tmp_path, 20)
+    victim = newest / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    if damage == "truncate":
+        victim.write_bytes(victim.read_bytes()[:5])
+    elif damage == "flip":
+        data = bytearray(victim.read_bytes())
+        data[3] ^= 0xFF
+        victim.write_bytes(bytes(data))
+    elif damage == "delete":
+        victim.unlink()
+    else:
+        (newest / "manifest.json").unlink()
+    point = ckpt.find_resume_point(tmp_path)
+    assert point.tag == "step_00000010"
+    expected = {"truncate": "truncated", "flip": "corrupt", "delete": "missing", "no_manifest": "incomplete"}[damage]
+    assert len(point.skipped) == 1 and expected in point.skipped[0] and "step_00000020" in point.skipped[0]
+
+
+def test_no_intact_checkpoint_is_an_error(tmp_path):
+    only = fake_save(tmp_path, 10)
+    (only / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    with pytest.raises(ckpt.CheckpointError, match="no intact checkpoint"):
+        ckpt.find_resume_point(tmp_path)
+    with pytest.raises(ckpt.CheckpointError, match="truncated"):
+        ckpt.find_resume_point(only)
+
+
+def test_prune_keeps_last_k_and_removes_partials(tmp_path):
+    for step in (1, 2, 3, 4):
+        fake_save(tmp_path, step)
+    (tmp_path / ckpt.partial_tag("step_00000005")).mkdir()
+    removed = ckpt.prune_checkpoints(tmp_path, keep_last=2)
+    assert sorted(removed) == [".partial-step_00000005", "step_00000001", "step_00000002"]
+    assert ckpt.complete_tags(tmp_path) == ["step_00000004", "step_00000003"]
+    assert ckpt.prune_checkpoints(tmp_path, keep_last=0) == []
+
+
+def test_resaving_a_step_replaces_it(tmp_path):
+    fake_save(tmp_path, 5, b"old")
+    tag_dir = fake_save(tmp_path, 5, b"new")
+    assert (tag_dir / "mp_rank_00_model_states.pt").read_bytes().startswith(b"new")
+    assert ckpt.verify_checkpoint(tag_dir) is None and not list(tmp_path.glob(".partial-*"))
+
+
+def test_config_differences_names_each_changed_key():
+    saved = {"model": {"hidden_size": 64, "pre_ln": False}, "runtime": {"save": "a"}, "training": {"lr": 1e-3}}
+    now = {"model": {"hidden_size": 128, "pre_ln": False}, "runtime": {"save": "b"}, "training": {"lr": 1e-3},
+           "masking": {"rate": 0.4}}
+    diffs = ckpt.config_differences(saved, now, ignore_prefixes=["runtime"])
+    assert diffs == ["masking.rate: checkpoint '<absent>', now 0.4", "model.hidden_size: checkpoint 64, now 128"]

@@ -1,0 +1,105 @@
+"""Configuration and launcher discovery of run_pretrain.py, without starting DeepSpeed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline import distributed
+from pipeline.train import (DS_CONFIG_DIR, ConfigError, TrainingConfig, build_deepspeed_config, build_parser,
+                            load_recipe, lr_multiplier)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_lr_schedule_is_linear_warmup_then_linear_decay_to_zero():
+    warmup, total = 6, 100
+    lrs = [lr_multiplier(i, warmup, total) for i in range(total)]
+    assert lrs[:6] == pytest.approx([1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 1.0])
+    assert lrs[6] == pytest.approx(1.0) and lrs[-1] == pytest.approx(1 / 94) and lrs[50] > lrs[51]
+    assert lr_multiplier(total, warmup, total) == 0.0
+    assert lr_multiplier(0, 0, 10) == 1.0  # no warm-up
+
+
+def test_recipes_hold_table_4():
+    base, large = load_recipe("base"), load_recipe("large")
+    assert base["model"] == {"preset": "base", "architecture": "3ml-self", "overrides": {"pre_ln": False}}
+    assert base["training"] == {"seq_len": 512, "global_batch_size": 2048, "train_steps": 153000, "lr": 7e-4,
+                                "warmup_proportion": 0.06, "weight_decay": 0.01, "adam_beta1": 0.9,
+                                "adam_beta2": 0.98, "adam_eps": 1e-6, "grad_clip": 0.0}
+    assert base["masking"]["rate"] == 0.4
+    assert large["training"]["seq_len"] == 128 and large["training"]["global_batch_size"] == 4096
+    assert large["training"]["lr"] == 2e-3 and large["training"]["train_steps"] == 23000
+    assert large["model"]["overrides"]["pre_ln"] is True
+    with pytest.raises(ConfigError, match="neither a file nor one of"):
+        load_recipe("huge")
+
+
+@pytest.mark.parametrize("path", sorted(p.name for p in DS_CONFIG_DIR.glob("zero*.json")))
+def test_every_deepspeed_config_takes_hyper_parameters_from_training_config(path):
+    training = TrainingConfig(global_batch_size=64, micro_batch_size=4, lr=2e-3, grad_clip=1.0)
+    ds = build_deepspeed_config(DS_CONFIG_DIR / path, training, data_parallel_size=4, accelerator_name="cuda",
+                                fp16_supported=True, bf16_supported=True)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == \
+        (64, 4, 4)
+    assert ds["optimizer"]["params"]["lr"] == 2e-3 and ds["gradient_clipping"] == 1.0
+    assert ds["zero_optimization"]["stage"] == int(path[4])
+    assert not any(k.startswith("_") for k in ds)
+
+
+def test_deepspeed_config_setting_a_hyper_parameter_is_refused(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"train_batch_size": 8, "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}}))
+    with pytest.raises(ConfigError, match="train_batch_size, optimizer.params.lr: these are training"):
+        build_deepspeed_config(bad, TrainingConfig(), 1, "cpu", False, True)
+    fp16 = DS_CONFIG_DIR / "zero2_fp16.json"
+    with pytest.raises(ConfigError, match="fp16 is not supported by the cpu accelerator"):
+        build_deepspeed_config(fp16, TrainingConfig(), 1, "cpu", False, True)
+    with pytest.raises(ConfigError, match="not a multiple of micro batch"):
+        build_deepspeed_config(DS_CONFIG_DIR / "zero1_fp32.json", TrainingConfig(global_batch_size=10), 2, "cpu",
+                               False, True)
+    ds = build_deepspeed_config(DS_CONFIG_DIR / "zero2_bf16.json", TrainingConfig(), 1, "cpu", False, True)
+    assert ds["optimizer"]["params"]["torch_adam"] is True  # fused Adam is GPU-only
+
+
+def test_help_documents_every_argument():
+    out = subprocess.run([sys.executable, str(REPO / "run_pretrain.py"), "--help"], capture_output=True,
+                         text=True, cwd=REPO, timeout=120).stdout
+    for flag in ("--recipe", "--architecture", "--model-preset", "--model-set", "--masking-rate",
+                 "--masking-strategy", "--data-prefix", "--tokenizer", "--seq-len", "--global-batch-size",
+                 "--micro-batch-size", "--train-steps", "--lr", "--warmup-proportion", "--weight-decay",
+                 "--adam-beta1", "--adam-beta2", "--adam-eps", "--grad-clip", "--tensor-parallel-size", "--seed",
+                 "--deepspeed_config", "--save", "--load", "--save-interval", "--keep-last", "--eval-interval",
+                 "--log-interval", "--eval-iters", "--stop-at-step", "--peak-tflops"):
+        assert flag in out, flag
+    assert "Fraction of ``train_steps`` with a linear warm-up" in out  # field docstrings are the help text
+
+
+def test_parser_leaves_unset_hyper_parameters_to_the_recipe():
+    args = build_parser().parse_args(["--data-prefix", "x", "--lr", "0.5"])
+    assert args.lr == 0.5 and args.seq_len is None and args.global_batch_size is None
+
+
+def test_launch_discovery_env_slurm_single():
+    env = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "1234"}
+    assert distributed.discover_launch(env) == distributed.LaunchInfo("env", 3, 8, 1, "10.0.0.1", 1234)
+    slurm = {"SLURM_PROCID": "5", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
+             "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "4242"}
+    info = distributed.discover_launch(slurm)
+    assert (info.launcher, info.rank, info.world_size, info.local_rank) == ("slurm", 5, 8, 1)
+    assert info.master_addr == "gpu07" and info.master_port == 29500 + 4242
+    assert distributed.discover_launch(dict(slurm, MASTER_ADDR="ib-gpu07")).master_addr == "ib-gpu07"
+    # A bare python in the batch script (no job step) is a single process, not rank 0 of SLURM_NTASKS.
+    single = distributed.discover_launch({"SLURM_PROCID": "0", "SLURM_NTASKS": "8"})
+    assert (single.launcher, single.world_size) == ("single", 1)
+
+
+def test_slurm_nodelist_expansion_without_scontrol(monkeypatch):
+    monkeypatch.setattr(distributed.shutil, "which", lambda name: None)
+    assert distributed.expand_slurm_nodelist("gpu[01-03,07],login1") == ["gpu01", "gpu02", "gpu03", "gpu07",
+                                                                        "login1"]
+    assert distributed.expand_slurm_nodelist("node5") == ["node5"]
