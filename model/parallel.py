@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import os
 
 import torch
 import torch.distributed as dist
@@ -91,6 +92,12 @@ def get_rng_tracker():
     return megatron_random.get_cuda_rng_tracker()
 
 
+def model_runs_on_cuda() -> bool:
+    """True when the model runs on a GPU: CUDA is present and ``DS_ACCELERATOR`` is not ``cpu`` (the project's
+    switch; CPU tests on a GPU machine then still get the CPU tracker their dropout draws from)."""
+    return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda").lower() != "cpu"
+
+
 def seed_model_parallel_rng(seed: int) -> None:
     """Seeds the default generator (equal on the TP ranks of a replica) and the tracker's streams.
 
@@ -101,7 +108,7 @@ def seed_model_parallel_rng(seed: int) -> None:
     dp_rank = parallel_state.get_data_parallel_rank()
     default_seed = seed + _DP_SEED_STRIDE * dp_rank
     torch.manual_seed(default_seed)
-    if torch.cuda.is_available():
+    if model_runs_on_cuda():
         megatron_random.model_parallel_cuda_manual_seed(default_seed, force_reset_rng=True)
         return
     tracker = CpuRNGStatesTracker()
@@ -143,7 +150,7 @@ def get_rng_tracker_states() -> dict:
     """Every torch RNG state the model's randomness depends on, for an exact resume: the default CPU generator,
     the current CUDA generator (if any) and the tracker's named streams. Per rank (TP ranks differ)."""
     states = {"cpu": torch.get_rng_state().clone(), "tracker": get_rng_tracker().get_states()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if model_runs_on_cuda() and torch.cuda.is_initialized():
         states["cuda"] = torch.cuda.get_rng_state().clone()
     return states
 
@@ -151,7 +158,7 @@ def get_rng_tracker_states() -> dict:
 def set_rng_tracker_states(states: dict) -> None:
     """Restores what ``get_rng_tracker_states`` returned on the same rank."""
     torch.set_rng_state(states["cpu"])
-    if "cuda" in states and torch.cuda.is_available():
+    if "cuda" in states and model_runs_on_cuda():
         torch.cuda.set_rng_state(states["cuda"])
     tracker = get_rng_tracker()
     tracker_states = states["tracker"]
