@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 import torch
 
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab-size", type=int, default=50265, help="|V| (RoBERTa BPE: 50,265)")
     parser.add_argument("--presets", nargs="+", default=["base", "large"], choices=ModelConfig.preset_names())
     args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     print(f"{'preset':<6} {'architecture':<10} {'total':>14} {'encoder':>14} {'pretrain-only':>14}  paper (M)")
     for preset in args.presets:
         for arch in ARCHITECTURES:
