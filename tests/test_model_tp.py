@@ -3,8 +3,8 @@
 What is asserted:
 * dropout off: the TP=2 loss equals the TP=1 loss, every merged TP=2 parameter equals the TP=1 one at
   initialisation (bit-exact), and every merged gradient matches within 1e-5 (fp32), for mlm / 3ml-self /
-  3ml-cross, pre-LN and post-LN (and an untied output projection); replicated parameters and gradients are bit-identical on both TP ranks (checked
-  inside the worker while gathering) and both ranks report the same loss.
+  3ml-cross, pre-LN and post-LN (and an untied output projection); replicated parameters and gradients are
+  bit-identical on both TP ranks (checked inside the worker while gathering) and both ranks report the same loss.
 * megatron's TP attributes of every parameter agree with ``model.tensor_parallel_dim`` / stride (the export
   merges checkpoints with these).
 * dropout on: TP=1 and TP=2 cannot match bit for bit -- attention-probability dropout is drawn per rank from the
