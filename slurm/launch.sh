@@ -24,6 +24,10 @@
 #   (HOSTFILE lines `host slots=N` from `scontrol show hostnames`). The plain srun form above needs no hostfile,
 #   and Slurm then owns every task, so signals, `--kill-on-bad-exit` and accounting work per task.
 #
+# MPI instead of Slurm (ranks from mpi4py, see pipeline/distributed.py; rank 0 broadcasts its address as
+# MASTER_ADDR, the port defaults to 29500; set MASTER_ADDR/MASTER_PORT to override, e.g. the fabric address):
+#     mpirun -np 8 [--allow-run-as-root] -x PYTHONPATH -x MASTER_PORT python run_pretrain.py ARGS...
+#
 # Inputs (environment; the batch scripts set defaults):
 #   REPO_DIR       checkout holding run_pretrain.py               [default: $SLURM_SUBMIT_DIR]
 #   PYTHON         interpreter                                     [default: REPO_DIR/.venv/bin/python, else python3]
