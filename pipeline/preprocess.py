@@ -21,10 +21,12 @@ import argparse
 import bz2
 import glob
 import gzip
+import itertools
 import json
 import lzma
 import multiprocessing
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -258,13 +260,43 @@ def _init_worker(tokenizer_file: str, dtype_name: str) -> None:
     _worker_dtype = np.dtype(dtype_name)
 
 
+# Byte-level BPE pre-tokenizes with GPT-2's regex, and no pre-token spans a newline or a single space that sits
+# between two printable ASCII characters. Cutting a long document there therefore gives exactly the ids of
+# tokenizing it whole, while HF tokenizers is about twice as fast on pieces of ~10 KB as on megabyte strings.
+_PIECE_CHARS = 8192
+_SAFE_CUT = re.compile(r"(?<=[!-~]\n)(?=[!-~])|(?<=[!-~])(?= [!-~])")
+
+
+def split_for_tokenization(document: str, piece_chars: int = _PIECE_CHARS) -> list[str]:
+    """``document`` cut into pieces of about ``piece_chars`` characters at places that do not change its ids."""
+    if len(document) <= 2 * piece_chars:
+        return [document]
+    pieces, start = [], 0
+    while len(document) - start > 2 * piece_chars:
+        cut = _SAFE_CUT.search(document, start + piece_chars)
+        if cut is None:
+            break
+        pieces.append(document[start:cut.start()])
+        start = cut.start()
+    pieces.append(document[start:])
+    return pieces
+
+
 def _tokenize_chunk(documents: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """All token ids of the chunk concatenated, and each document's length (one pickle per chunk, not per doc)."""
-    encodings = _worker_tokenizer.encode_batch(documents, add_special_tokens=False)
-    lengths = np.fromiter((len(encoding.ids) for encoding in encodings), dtype=np.int64, count=len(encodings))
-    tokens = np.fromiter((token for encoding in encodings for token in encoding.ids), dtype=_worker_dtype,
-                         count=int(lengths.sum()))
-    return tokens, lengths
+    pieces, pieces_per_document = [], []
+    for document in documents:
+        split = split_for_tokenization(document)
+        pieces.extend(split)
+        pieces_per_document.append(len(split))
+    encodings = _worker_tokenizer.encode_batch(pieces, add_special_tokens=False)
+    piece_ids = [encoding.ids for encoding in encodings]
+    piece_lengths = np.fromiter(map(len, piece_ids), dtype=np.int64, count=len(piece_ids))
+    tokens = np.array(list(itertools.chain.from_iterable(piece_ids)), dtype=_worker_dtype)
+    if len(pieces) == len(documents):
+        return tokens, piece_lengths
+    document_starts = np.concatenate([[0], np.cumsum(pieces_per_document)[:-1]])
+    return tokens, np.add.reduceat(piece_lengths, document_starts)
 
 
 def _chunks(documents: Iterator[str], max_documents: int = 256, max_chars: int = 1 << 20) -> Iterator[list[str]]:

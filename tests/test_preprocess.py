@@ -246,3 +246,20 @@ def test_cli_writes_dataset(tmp_path, english_text_file, tiny_tokenizer, capsys)
                  str(prefix), "--one-doc-per-line", "--valid-fraction", "0.1", "--workers", "2", "--quiet"]) == 0
     assert "train 270 documents" in capsys.readouterr().out
     assert load_meta(prefix)["splits"]["valid"]["documents"] == 30
+
+
+def test_long_documents_are_tokenized_in_pieces_with_identical_ids(english_text_file, tiny_tokenizer):
+    from pipeline.preprocess import _init_worker, _tokenize_chunk, split_for_tokenization
+    from pipeline.tokenizer import load_raw_tokenizer
+
+    text = english_text_file.read_text(encoding="utf-8")
+    documents = [text, "short", text.replace("\n", " "), text.replace(" ", "\u00a0")]  # the last has no safe cut
+    pieces = [split_for_tokenization(document) for document in documents]
+    assert [len(split) > 10 for split in pieces] == [True, False, True, False]
+    assert ["".join(split) for split in pieces] == documents
+    _init_worker(str(tiny_tokenizer), "uint16")
+    tokens, lengths = _tokenize_chunk(documents)
+    tokenizer = load_raw_tokenizer(tiny_tokenizer)
+    expected = [tokenizer.encode(document, add_special_tokens=False).ids for document in documents]
+    assert lengths.tolist() == [len(ids) for ids in expected]
+    assert tokens.tolist() == [token for ids in expected for token in ids]
