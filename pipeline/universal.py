@@ -1,0 +1,272 @@
+"""Resume a run on a different number of data-parallel (DP) ranks through DeepSpeed's universal checkpoint.
+
+A ZeRO checkpoint stores the optimizer state partitioned over the DP ranks that wrote it, so DeepSpeed can only
+load it back with the same DP size. When a run loses (or gains) nodes, one command re-shards its newest
+checkpoint for the new world size; training then resumes from it with the usual ``--load``:
+
+    # the new world: N processes, launched like training (torchrun / srun / mpirun; one process: plain python)
+    torchrun --nproc_per_node N -m pipeline.universal OLD_RUN_DIR --output NEW_RUN_DIR [--tag step_...]
+    torchrun --nproc_per_node N run_pretrain.py SAME_ARGS... --load NEW_RUN_DIR --save NEW_RUN_DIR
+
+``--output`` may be the old run directory itself: the checkpoint is then replaced in place (atomically, by
+``pipeline.checkpoint.commit_checkpoint``). The slurm launcher does this automatically when the job has a
+different number of tasks than the checkpoint's world (``slurm/launch.sh``, ``RESHARD_ON_WORLD_CHANGE``).
+
+How (all DeepSpeed's own machinery):
+
+1. rank 0 converts the checkpoint to the universal format with ``deepspeed.checkpoint.ds_to_universal``
+   (per-parameter fp32 weights and Adam moments, merged over the DP partitions);
+2. every rank builds the model and the DeepSpeed engine exactly as ``run_pretrain.py`` would for the new world
+   (``pipeline.train.resolve_config`` on the checkpoint's own configuration), loads the universal checkpoint
+   with ``checkpoint.load_universal`` (which re-partitions the optimizer state for the new DP size) and the LR
+   scheduler state;
+3. it saves a native checkpoint for the new world with the same step and ``consumed_samples`` (the data
+   sampler restarts at that global sample and shards the following global batches over the new DP ranks, so
+   no sample is repeated or skipped), the configuration resolved for the new world, and RNG states (ranks that
+   existed keep theirs; new ranks get the fresh streams a new run would seed).
+
+The tensor-parallel size must stay the same. Supported: ZeRO stages 1 and 2 (DeepSpeed's universal loader
+does not re-partition ZeRO-3 optimizer state in 0.19).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Sequence
+
+
+class UniversalError(Exception):
+    """A checkpoint that cannot be re-sharded; ``str()`` is one line."""
+
+
+def convert_to_universal(tag_dir: Path, output_dir: Path) -> Path:
+    """``ds_to_universal`` of one checkpoint tag directory into ``output_dir`` (replaced if present)."""
+    import torch
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    shutil.rmtree(output_dir, ignore_errors=True)
+    output_dir.mkdir(parents=True)
+    view = output_dir.parent / f"{output_dir.name}.source-view"
+    shutil.rmtree(view, ignore_errors=True)
+    view.mkdir()
+    try:
+        # ds_to_universal saves every module entry as fp32; megatron layers add `*._extra_state` entries that
+        # are None. The converter reads a copy of the model states without them; the universal checkpoint
+        # then gets the original files back (the engine's strict module load expects those entries).
+        model_files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
+        for path in tag_dir.iterdir():
+            if path in model_files:
+                state = torch.load(path, map_location="cpu", weights_only=False)
+                state["module"] = {k: v for k, v in state["module"].items() if isinstance(v, torch.Tensor)}
+                torch.save(state, view / path.name)
+            elif path.is_file():
+                os.symlink(path.resolve(), view / path.name)
+        # Our engine does not record megatron's TP-merge patterns; with an unchanged TP size the default
+        # universal info is all the conversion needs.
+        args = SimpleNamespace(input_folder=str(view), output_folder=str(output_dir), num_extract_workers=1,
+                               num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+        ds_to_universal(args)
+        for path in model_files:
+            shutil.copy2(path, output_dir / path.name)
+    finally:
+        shutil.rmtree(view, ignore_errors=True)
+    return output_dir
+
+
+def pretrain_args_from_config(saved: dict, save_dir: str) -> list[str]:
+    """run_pretrain.py arguments that resolve to the checkpoint's configuration (every value explicit, so the
+    result does not depend on defaults or recipe files changing)."""
+    runtime, training, model = saved["runtime"], saved["training"], saved["model"]
+    args = ["--data-prefix", runtime["data_prefix"], "--save", save_dir,
+            "--architecture", model["architecture"], "--model-preset", "tiny",
+            "--deepspeed_config", saved["deepspeed"]["config_file"]]
+    if runtime.get("tokenizer"):
+        args += ["--tokenizer", runtime["tokenizer"]]
+    if saved.get("recipe"):
+        args += ["--recipe", saved["recipe"]]
+    for key, value in model.items():
+        if key != "architecture":  # its own option
+            args += ["--model-set", f"{key}={json.dumps(value)}"]
+    masking = saved["masking"]
+    args += ["--masking-rate", str(masking["rate"]), "--masking-strategy", str(masking["strategy"]),
+             "--masking-seed", str(masking["seed"])]
+    for key, value in training.items():
+        args += ["--" + key.replace("_", "-"), repr(value) if isinstance(value, float) else str(value)]
+    for key in ("save_interval", "keep_last", "log_interval", "eval_interval", "eval_iters", "num_workers"):
+        args += ["--" + key.replace("_", "-"), str(runtime[key])]
+    return args
+
+
+def _rank_states_for_new_world(old_states: list, fresh_states: list, tp_size: int) -> list:
+    """Rank r of the new world keeps old rank r's RNG states if that rank existed (same TP rank: both worlds put
+    consecutive ranks in one TP group); ranks beyond the old world get fresh streams."""
+    return [old_states[r] if r < len(old_states) else fresh_states[r] for r in range(len(fresh_states))]
+
+
+def reshard(source: str | os.PathLike, output: str | os.PathLike, tag: str | None = None,
+            keep_universal: bool = False) -> Path:
+    """Re-shards checkpoint ``source`` for the current world (see module docstring); returns the new tag dir.
+    Call on every rank of the new world."""
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    from model import build_model
+    from model.parallel import MegatronMpuForDeepSpeed, initialize_model_parallel
+    from pipeline.checkpoint import (CheckpointError, canonical_json_sha256, capture_rng_state, checkpoints_dir,
+                                     commit_checkpoint, find_resume_point, partial_tag, read_run_config)
+    from pipeline.distributed import control_group, init_distributed
+    from pipeline.train import build_parser, lr_multiplier, resolve_config
+
+    source, output = Path(source), Path(output)
+    try:
+        base = checkpoints_dir(source) if checkpoints_dir(source).is_dir() else source
+        point = find_resume_point(base / tag if tag else source)
+    except CheckpointError as error:
+        raise UniversalError(str(error)) from None
+    if point is None:
+        raise UniversalError(f"{source}: no checkpoint to re-shard")
+    saved = read_run_config(point.tag_dir)
+    saved_config = saved["config"]
+    zero_stage = int(saved_config["parallel"]["zero_stage"])
+    if zero_stage not in (1, 2):
+        raise UniversalError(f"{point.tag_dir}: ZeRO-{zero_stage} checkpoint; universal re-sharding supports "
+                             "ZeRO-1 and ZeRO-2")
+
+    launch = init_distributed()
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    group = control_group()
+    old_world = saved["world"]
+    tp_size = int(old_world["tensor_parallel_size"])
+    if world_size % tp_size:
+        raise UniversalError(f"{point.tag_dir}: tensor-parallel size {tp_size} does not divide the new world "
+                             f"size {world_size} (the TP size cannot change)")
+
+    ckpt_dir = checkpoints_dir(output)
+    universal_dir = ckpt_dir / f".universal-{point.tag}"
+    if rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        convert_to_universal(point.tag_dir, universal_dir / point.tag)
+    dist.barrier(group=group)
+
+    accelerator = get_accelerator()
+    args = build_parser().parse_args(pretrain_args_from_config(saved_config, str(output)))
+    args.tensor_parallel_size = tp_size
+    config = resolve_config(args, world_size, saved["dataset_meta"], accelerator.device_name(),
+                            accelerator.is_fp16_supported(), accelerator.is_bf16_supported())
+    config.launch = launch.to_dict()
+    initialize_model_parallel(config.tensor_parallel_size, config.training.seed)
+
+    model = build_model(config.model)
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 else decay).append(param)
+    training = config.training
+    param_groups = [{"params": decay, "weight_decay": training.weight_decay},
+                    {"params": no_decay, "weight_decay": 0.0}]
+
+    def make_scheduler(optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda i: lr_multiplier(i, training.warmup_steps, training.train_steps))
+
+    # load_universal only for this engine: the saved configuration (and the resumed run) stay native.
+    engine_config = dict(config.deepspeed, checkpoint={"load_universal": True})
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups, config=engine_config,
+                                           lr_scheduler=make_scheduler, mpu=MegatronMpuForDeepSpeed(),
+                                           dist_init_required=False)
+    path, client_state = engine.load_checkpoint(str(universal_dir), tag=point.tag, load_optimizer_states=True,
+                                                load_lr_scheduler_states=True)
+    if path is None or client_state is None:
+        raise UniversalError(f"DeepSpeed could not load the universal checkpoint {universal_dir / point.tag}")
+    engine._config.load_universal_checkpoint = False  # save natively
+
+    fresh = [None] * world_size
+    dist.all_gather_object(fresh, capture_rng_state(), group=group)
+    rng_states = _rank_states_for_new_world(client_state["rng_states"], fresh, tp_size)
+    run_config = {key: saved[key] for key in saved}
+    run_config.update({
+        "config": config.to_dict(), "dataset_fingerprint": canonical_json_sha256(config.dataset_meta),
+        "world": {"world_size": world_size, "tensor_parallel_size": config.tensor_parallel_size,
+                  "data_parallel_size": config.data_parallel_size},
+        "resharded_from": {"checkpoint": str(point.tag_dir), "world": old_world},
+    })
+    engine.save_checkpoint(str(ckpt_dir), tag=partial_tag(point.tag), client_state=dict(run_config,
+                                                                                        rng_states=rng_states),
+                           save_latest=False)
+    dist.barrier(group=group)
+    if rank == 0:
+        commit_checkpoint(ckpt_dir, point.tag, int(saved["step"]), run_config)
+        _carry_metrics(source, output, int(saved["step"]))
+        if not keep_universal:
+            shutil.rmtree(universal_dir, ignore_errors=True)
+        print(f"re-sharded {point.tag_dir} (world {old_world['world_size']}, DP {old_world['data_parallel_size']}) "
+              f"to {ckpt_dir / point.tag} (world {world_size}, DP {config.data_parallel_size}, TP "
+              f"{config.tensor_parallel_size}); step {saved['step']}, {saved['consumed_samples']} samples consumed",
+              flush=True)
+    dist.barrier(group=group)
+    return ckpt_dir / point.tag
+
+
+def _carry_metrics(source: Path, output: Path, step: int) -> None:
+    """A new run directory continues the old one's metrics history (up to the checkpoint's step)."""
+    from pipeline.checkpoint import write_text_atomic
+
+    old, new = source / "metrics.jsonl", output / "metrics.jsonl"
+    if source.resolve() == output.resolve() or not old.is_file():
+        return
+    kept = []
+    for line in old.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    write_text_atomic(new, "".join(line + "\n" for line in kept))
+
+
+def checkpoint_world_size(run_dir: str | os.PathLike) -> int | None:
+    """World size of the newest intact checkpoint under ``run_dir`` (None if there is none)."""
+    from pipeline.checkpoint import find_resume_point, read_run_config
+
+    point = find_resume_point(run_dir, check_hashes=False)
+    if point is None:
+        return None
+    return int(read_run_config(point.tag_dir)["world"]["world_size"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.universal",
+        description="Re-shard a run's checkpoint for the current number of ranks (DeepSpeed universal "
+                    "checkpoint); launch with the new world like training, then resume with --load OUTPUT.")
+    parser.add_argument("source", help="run directory, its checkpoints/ directory or one checkpoint tag dir")
+    parser.add_argument("--output", required=True, help="run directory to write (may be SOURCE: in place)")
+    parser.add_argument("--tag", help="checkpoint tag in SOURCE [default: the newest intact one]")
+    parser.add_argument("--keep-universal", action="store_true",
+                        help="keep the intermediate universal checkpoint (OUTPUT/checkpoints/.universal-TAG)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from pipeline.checkpoint import CheckpointError
+    from pipeline.train import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        reshard(args.source, args.output, tag=args.tag, keep_universal=args.keep_universal)
+    except (UniversalError, CheckpointError, ConfigError) as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
