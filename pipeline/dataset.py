@@ -33,7 +33,7 @@ import torch
 
 from pipeline.errors import DataError
 from pipeline.masking import MaskedSample, Masker, MaskingCollator, MaskingConfig, SpecialTokens
-from pipeline.preprocess import load_meta, meta_path, split_prefix
+from pipeline.preprocess import import_indexed_dataset_module, load_meta, meta_path, split_prefix
 
 _INDEX_HEADER = b"MMIDIDX\x00\x00"
 _INDEX_FIXED_BYTES = 9 + 8 + 1 + 8 + 8  # header, version, dtype code, sequence count, document count
@@ -64,8 +64,7 @@ def _check_index_file(idx_path: Path) -> tuple[int, int, int]:
 def open_indexed_dataset(path_prefix: str | os.PathLike):
     """megatron-core ``IndexedDataset`` at ``path_prefix`` (.bin/.idx), after checking that neither file is
     missing, truncated or inconsistent; DataError naming the file otherwise."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
+    IndexedDataset = import_indexed_dataset_module().IndexedDataset
     idx_path, bin_path = Path(f"{path_prefix}.idx"), Path(f"{path_prefix}.bin")
     for path in (idx_path, bin_path):
         if not path.is_file():

@@ -28,6 +28,7 @@ import multiprocessing
 import os
 import re
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterator, Sequence
@@ -48,6 +49,15 @@ def open_input_binary(path: str | os.PathLike) -> BinaryIO:
     """Opens a file for binary reading, decompressing ``.gz``, ``.xz``/``.lzma`` and ``.bz2`` transparently."""
     opener = _COMPRESSED_OPENERS.get(Path(path).suffix.lower(), open)
     return opener(path, "rb")
+
+
+def import_indexed_dataset_module():
+    """megatron-core's ``indexed_dataset`` module, without the optimizer warnings its package import prints on
+    machines without Transformer Engine / Apex (irrelevant to reading and writing datasets)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+        from megatron.core.datasets import indexed_dataset
+    return indexed_dataset
 
 
 def token_dtype(vocab_size: int) -> type[np.number]:
@@ -363,14 +373,14 @@ def _valid_document_mask(n_documents: int, valid_fraction: float, seed: int) -> 
 
 def preprocess(config: PreprocessConfig) -> dict:
     """Runs one preprocessing job (see the module docstring); returns the meta.json content."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
     from tqdm import tqdm
 
+    inputs = expand_inputs(config.inputs)
     tokenizer_file = resolve_tokenizer_file(config.tokenizer)
     tokenizer = load_raw_tokenizer(tokenizer_file)
     vocab_size = tokenizer.get_vocab_size()
     dtype = np.dtype(token_dtype(vocab_size))
-    inputs = expand_inputs(config.inputs)
+    IndexedDatasetBuilder = import_indexed_dataset_module().IndexedDatasetBuilder
     reader = DocumentReader(inputs, config.input_format, config.text_key, config.one_doc_per_line,
                             config.replace_invalid)
 
@@ -402,10 +412,10 @@ def preprocess(config: PreprocessConfig) -> dict:
                     lengths.append(chunk_lengths)
                     progress.update(chunk_lengths.size)
             finally:
+                progress.close()  # before any error message, which then starts on its own line
                 if pool is not None:
                     pool.terminate()
                     pool.join()
-        progress.close()
         document_lengths = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
         n_empty_tokenized = int(np.count_nonzero(document_lengths == 0))
         if reader.stats.documents - n_empty_tokenized == 0:
