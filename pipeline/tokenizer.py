@@ -126,38 +126,40 @@ class TrainConfig:
             raise ValueError(f"min_frequency must be >= 1, got {self.min_frequency}")
 
 
-def _training_lines(files: Sequence[str | os.PathLike], batch_lines: int = 1000) -> Iterator[list[str]]:
+def _training_texts(files: Sequence[str | os.PathLike], text_key: str, batch_size: int = 1000
+                    ) -> Iterator[list[str]]:
+    """Batches of the inputs' text (lines of text files; the ``text_key`` of JSONL, Parquet, HF datasets)."""
     # Lazy import: preprocess imports this module.
-    from pipeline.preprocess import open_input_binary
+    from pipeline.preprocess import DocumentReader
 
-    for file in files:
-        batch = []
-        with open_input_binary(file) as stream:
-            for raw_line in stream:
-                line = raw_line.decode("utf-8", errors="replace").strip()
-                if line:
-                    batch.append(line)
-                if len(batch) >= batch_lines:
-                    yield batch
-                    batch = []
-        if batch:
+    reader = DocumentReader([Path(file) for file in files], "auto", text_key, one_doc_per_line=True,
+                            replace_invalid=True)
+    batch = []
+    for text in reader:
+        batch.append(text)
+        if len(batch) >= batch_size:
             yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def train_tokenizer(files: Sequence[str | os.PathLike], output: str | os.PathLike,
-                    config: TrainConfig = TrainConfig(), show_progress: bool = False) -> Path:
-    """Trains a byte-level BPE on text files (plain, .gz, .xz or .bz2) and writes tokenizer.json; returns its path."""
+                    config: TrainConfig = TrainConfig(), show_progress: bool = False, text_key: str = "text") -> Path:
+    """Trains a byte-level BPE on the inputs and writes tokenizer.json; returns its path. Inputs are read like
+    ``pipeline.preprocess`` reads them: plain text (also .gz/.xz/.bz2), JSONL / Parquet (field ``text_key``), saved
+    HF datasets directories; invalid UTF-8 is replaced."""
     from tokenizers import ByteLevelBPETokenizer
 
     if not files:
         raise DataError("no input files given for tokenizer training")
     for file in files:
-        if not Path(file).is_file():
+        if not Path(file).exists():
             raise DataError(f"{file}: input file not found")
-        if Path(file).stat().st_size == 0:
+        if Path(file).is_file() and Path(file).stat().st_size == 0:
             raise DataError(f"{file}: input file is empty")
     bpe = ByteLevelBPETokenizer(add_prefix_space=False, lowercase=config.lowercase, trim_offsets=True)
-    bpe.train_from_iterator(_training_lines(files), vocab_size=config.vocab_size,
+    bpe.train_from_iterator(_training_texts(files, text_key), vocab_size=config.vocab_size,
                             min_frequency=config.min_frequency, show_progress=show_progress,
                             special_tokens=list(SPECIAL_TOKEN_STRINGS))
     tokenizer = bpe._tokenizer  # the underlying tokenizers.Tokenizer
@@ -200,7 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline.tokenizer", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train a byte-level BPE on text files")
-    train.add_argument("--input", nargs="+", required=True, help="text files (plain, .gz, .xz, .bz2)")
+    train.add_argument("--input", nargs="+", required=True,
+                       help="text files (plain, .gz, .xz, .bz2), JSONL, Parquet or saved HF datasets directories")
+    train.add_argument("--text-key", default="text", help="JSONL field / column with the text (default: text)")
     train.add_argument("--output", required=True, help="tokenizer.json path or a directory to put it in")
     train.add_argument("--vocab-size", type=int, default=TrainConfig.vocab_size)
     train.add_argument("--min-frequency", type=int, default=TrainConfig.min_frequency)
@@ -219,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = TrainConfig(args.vocab_size, args.min_frequency, args.lowercase)
         except ValueError as error:
             raise DataError(str(error)) from None
-        output = train_tokenizer(args.input, args.output, config, show_progress=True)
+        output = train_tokenizer(args.input, args.output, config, show_progress=True, text_key=args.text_key)
     else:
         output = import_tokenizer(args.vocab, args.merges, args.output)
     tokenizer = load_raw_tokenizer(output)

@@ -10,7 +10,7 @@ import pytest
 from pipeline.errors import DataError, exit_on_data_error
 from pipeline.masking import SpecialTokens
 from pipeline.tokenizer import (TrainConfig, import_tokenizer, load_raw_tokenizer, load_tokenizer, main,
-                                special_tokens, tokenizer_fingerprint)
+                                special_tokens, tokenizer_fingerprint, train_tokenizer)
 
 
 def test_trained_tokenizer_has_roberta_specials_at_ids_0_to_4(tiny_tokenizer):
@@ -121,3 +121,12 @@ def test_cli_error_is_one_line_on_stderr_with_exit_status_1(capsys):
         exit_on_data_error(failing_main)
     assert exited.value.code == 1
     assert capsys.readouterr().err == "error: some/file.txt: input not found\n"
+
+
+def test_training_reads_jsonl_text_not_json_syntax(tmp_path, english_text_file):
+    lines = english_text_file.read_text(encoding="utf-8").splitlines()
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"body": line, "n": i}) + "\n" for i, line in enumerate(lines)))
+    from_jsonl = train_tokenizer([jsonl], tmp_path / "a.json", TrainConfig(vocab_size=600), text_key="body")
+    from_text = train_tokenizer([english_text_file], tmp_path / "b.json", TrainConfig(vocab_size=600))
+    assert tokenizer_fingerprint(from_jsonl) == tokenizer_fingerprint(from_text)
