@@ -9,7 +9,9 @@
 #   2. appends everything this job prints to RUN_DIR/logs/job-<id>-restart-<n>.log (one run directory for every
 #      job and restart of a run; RUN_DIR/logs/jobs.tsv lists them);
 #   3. resumes automatically: if RUN_DIR/checkpoints/latest exists it adds `--load RUN_DIR` (run_pretrain.py
-#      then picks the newest intact checkpoint);
+#      then picks the newest intact checkpoint); if that checkpoint was written by a different number of ranks
+#      (the job lost or gained nodes), it is first re-sharded in place for this job's world through DeepSpeed's
+#      universal checkpoint (`srun python -m pipeline.universal RUN_DIR --output RUN_DIR`; ZeRO-1/2, same TP);
 #   4. runs `srun ... python run_pretrain.py ...` in the background and waits for it;
 #   5. pre-emption: on SIGUSR1 (sent by Slurm `--signal=B:USR1@SECS` before the time limit, or by
 #      `scancel --signal=USR1 --batch JOBID`) it forwards USR1 to the srun step (srun passes it on to every
@@ -39,6 +41,7 @@
 #   TP_SIZE        tensor-parallel size                              [default: the recipe's / 1]
 #   TRAIN_ARGS     extra run_pretrain.py arguments (word-split), e.g. "--model-preset tiny --train-steps 20"
 #   REQUEUE_ON_SIGNAL  1: requeue after a USR1 stop (default); 0: just stop (slurm/chain.sh uses 0)
+#   RESHARD_ON_WORLD_CHANGE  1: re-shard a checkpoint of another world size before resuming (default); 0: don't
 #   MASTER_ADDR / MASTER_PORT   override the derived rendezvous (e.g. the fabric interface's address)
 set -euo pipefail
 
@@ -63,6 +66,7 @@ TP_SIZE="${TP_SIZE:-}"
 TOKENIZER="${TOKENIZER:-}"
 TRAIN_ARGS="${TRAIN_ARGS:-}"
 REQUEUE_ON_SIGNAL="${REQUEUE_ON_SIGNAL:-1}"
+RESHARD_ON_WORLD_CHANGE="${RESHARD_ON_WORLD_CHANGE:-1}"
 RESTART_COUNT="${SLURM_RESTART_COUNT:-0}"
 
 # --- rendezvous and environment (only where the user has not set them) -------------------------------------
@@ -98,6 +102,12 @@ train_cmd=("$PYTHON" "$REPO_DIR/run_pretrain.py" --recipe "$RECIPE" --data-prefi
 if [[ -f "$RUN_DIR/checkpoints/latest" ]]; then
     train_cmd+=(--load "$RUN_DIR")
     echo "launch.sh: resuming from $RUN_DIR/checkpoints ($(cat "$RUN_DIR/checkpoints/latest"))"
+    saved_world="$("$PYTHON" -c 'import sys; from pipeline.universal import checkpoint_world_size as w; print(w(sys.argv[1]) or "")' "$RUN_DIR" || true)"
+    if [[ -n "$saved_world" && "$saved_world" != "${SLURM_NTASKS:-1}" && "$RESHARD_ON_WORLD_CHANGE" == 1 ]]; then
+        echo "launch.sh: the checkpoint was written by $saved_world ranks, this job has ${SLURM_NTASKS:-1}: re-sharding"
+        srun --kill-on-bad-exit=1 --export=ALL "$REPO_DIR/slurm/rank_env.sh" \
+            "$PYTHON" -m pipeline.universal "$RUN_DIR" --output "$RUN_DIR"
+    fi
 fi
 # shellcheck disable=SC2206  # TRAIN_ARGS is a user-supplied, word-split argument string
 train_cmd+=(${TRAIN_ARGS})

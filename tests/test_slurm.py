@@ -1,6 +1,7 @@
 """slurm/pretrain_base.sh on a real (one-node, throw-away) Slurm cluster, scaled down to 2 CPU tasks.
 
-1. The batch script trains a tiny 3MLself to the end through srun (2 ranks) and the loss falls.
+1. The batch script trains a tiny 3MLself to the end through srun (2 ranks) and the loss falls; a second job
+   of the same run with 1 task re-shards the checkpoint (universal checkpoint) and continues.
 2. Pre-emption: `scancel --signal=USR1 --batch` mid-run -> the launcher forwards USR1 to the tasks, training
    checkpoints and exits 0, the job requeues itself (Restarts=1), the restart resumes from the saved step and
    finishes; logs of both starts are in the run directory.
@@ -85,7 +86,7 @@ def _diagnostics(cluster: SlurmCluster, run_dir: Path) -> str:
     return "\n".join(parts)
 
 
-def test_slurm_batch_script_trains_to_the_end(cluster, tmp_path, tiny_dataset_prefix, tiny_tokenizer):
+def test_slurm_batch_script_trains_then_resumes_on_fewer_ranks(cluster, tmp_path, tiny_dataset_prefix, tiny_tokenizer):
     run_dir = tmp_path / "run"
     job_id = _submit(cluster, _job_env(run_dir, tiny_dataset_prefix, tiny_tokenizer), run_dir)
     state = cluster.wait_job_finished(job_id, timeout=240)
@@ -97,6 +98,20 @@ def test_slurm_batch_script_trains_to_the_end(cluster, tmp_path, tiny_dataset_pr
     log = (run_dir / "logs" / f"job-{job_id}-restart-0.log").read_text()
     assert f"job {job_id} restart 0" in log and "2 tasks" in log and "training exited with status 0" in log
     assert cluster.job_field(job_id, "Restarts") == "0"
+
+    # The run continues in a job with one task fewer (a lost node): the launcher re-shards the DP=2
+    # checkpoint for DP=1 (universal checkpoint) and resumes it.
+    more_steps = TRAIN_STEPS + 4
+    env = _job_env(run_dir, tiny_dataset_prefix, tiny_tokenizer, {"TASKS_PER_NODE": "1"})
+    env["TRAIN_ARGS"] = env["TRAIN_ARGS"].replace(f"--train-steps {TRAIN_STEPS}", f"--train-steps {more_steps}")
+    second = _submit(cluster, env, run_dir)
+    state = cluster.wait_job_finished(second, timeout=240)
+    assert state == "COMPLETED", f"job {second} ended {state}\n" + _diagnostics(cluster, run_dir)
+    log = (run_dir / "logs" / f"job-{second}-restart-0.log").read_text()
+    assert "written by 2 ranks, this job has 1: re-sharding" in log, log
+    assert f"resumed from {run_dir}/checkpoints/step_{TRAIN_STEPS:08d}: step {TRAIN_STEPS}" in log, log
+    steps = [r["step"] for r in _train_records(run_dir)]
+    assert steps == list(range(1, more_steps + 1)), steps
 
 
 def test_slurm_preemption_checkpoints_requeues_and_resumes(cluster, tmp_path, tiny_dataset_prefix,
