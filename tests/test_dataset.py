@@ -15,10 +15,10 @@ import pytest
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
-from pipeline.dataset import (MaskedPretrainingDataset, PackedSequences, PretrainingBatchSampler,
-                              build_pretraining_dataloader, open_indexed_dataset)
+from pipeline.dataset import (MaskedPretrainingDataset, PackedBatchCollator, PackedSequences,
+                              PretrainingBatchSampler, build_pretraining_dataloader, open_indexed_dataset, unpack_batch)
 from pipeline.errors import DataError
-from pipeline.masking import KIND_NONE, Masker, MaskingConfig, SpecialTokens
+from pipeline.masking import KIND_NONE, Masker, MaskingCollator, MaskingConfig, SpecialTokens
 
 SPECIAL = SpecialTokens(bos=0, pad=1, eos=2, unk=3, mask=4)
 MASKING = MaskingConfig(rate=0.4, strategy="80-10-10", seed=7)
@@ -174,6 +174,22 @@ def test_identical_batches_with_0_and_2_workers_and_across_epochs(tiny_dataset_p
     batch = in_process[0]
     assert batch["input_ids"].shape == (8, 128) and batch["mask_positions"].shape == (8, MASKING.shapes(128).n_mask)
     assert bool(batch["attention_mask"].all())
+
+
+@pytest.mark.parametrize("strategy", ["80-10-10", "100-0-0"])
+def test_packed_worker_batches_unpack_to_the_collated_dict(tiny_dataset_prefix, strategy):
+    masking = MaskingConfig(rate=0.3, strategy=strategy, seed=1)
+    packed = PackedSequences(f"{tiny_dataset_prefix}_valid", 64, SPECIAL, seed=0)
+    dataset = MaskedPretrainingDataset(packed, Masker(masking, SPECIAL, vocab_size=1000))
+    samples = [dataset[g] for g in range(len(packed) - 3, len(packed) + 2)]  # includes the padded last sequence
+    collator = MaskingCollator(masking, SPECIAL.pad)
+    expected = collator(samples)
+    unpacked = unpack_batch(*PackedBatchCollator(collator)(samples))
+    assert list(unpacked) == list(expected)
+    for name, tensor in expected.items():
+        assert unpacked[name].dtype == tensor.dtype and torch.equal(unpacked[name], tensor), name
+    if strategy == "100-0-0":
+        assert unpacked["kept_pred_index"].shape == (5, 0)
 
 
 def test_resumed_loader_continues_and_ranks_shard(tiny_dataset_prefix):
