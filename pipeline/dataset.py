@@ -297,7 +297,7 @@ class PackedBatchCollator:
     A DataLoader worker hands every tensor it returns to the main process through its own shared-memory segment
     (a file descriptor, an mmap each); with the 13 tensors of a masked batch that costs the main process -- the
     one driving the accelerator -- more than the batch's whole masking. One buffer per batch makes it one segment,
-    and one pinned transfer when pinning is on. ``unpack_batch`` restores the dict.
+    and one pinned transfer when pinning is on. ``unpack_batch`` restores the dict."""
 
     def __init__(self, collator: MaskingCollator):
         self.collator = collator
