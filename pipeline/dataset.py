@@ -295,9 +295,10 @@ class PackedBatchCollator:
     """Worker-side ``collate_fn``: the masking collator's batch dict copied into *one* byte buffer.
 
     A DataLoader worker hands every tensor it returns to the main process through its own shared-memory segment
-    (a file descriptor, an mmap each); with the 13 tensors of a masked batch that costs the main process -- the
-    one driving the accelerator -- more than the batch's whole masking. One buffer per batch makes it one segment,
-    and one pinned transfer when pinning is on. ``unpack_batch`` restores the dict."""
+    (a file descriptor and an mmap each). With the 13 tensors of a masked batch, receiving them cost the main
+    process -- the one driving the accelerator -- about a quarter of the CPU time the workers spent building the
+    batch (measured at seq_len 128, batch 64); one buffer per batch makes it one segment (about a third of that
+    cost), and one pinned transfer when pinning is on. ``unpack_batchrestores the dict."""
 
     def __init__(self, collator: MaskingCollator):
         self.collator = collator
