@@ -298,7 +298,7 @@ class PackedBatchCollator:
     (a file descriptor and an mmap each). With the 13 tensors of a masked batch, receiving them cost the main
     process -- the one driving the accelerator -- about a quarter of the CPU time the workers spent building the
     batch (measured at seq_len 128, batch 64); one buffer per batch makes it one segment (about a third of that
-    cost), and one pinned transfer when pinning is on. ``unpack_batchrestores the dict."""
+    cost), and one pinned transfer when pinning is on. ``unpack_batch`` restores the dict."""
 
     def __init__(self, collator: MaskingCollator):
         self.collator = collator
