@@ -25,7 +25,7 @@ How (all DeepSpeed's own machinery):
    no sample is repeated or skipped), the configuration resolved for the new world, and RNG states (ranks that
    existed keep theirs; new ranks get the fresh streams a new run would seed).
 
-The tensor-parallel size must stay the same. Supported: ZeRO stages 1 and 2 (DeepSpeed's universal loader
+The tensor-parallel size must stay the same (each TP rank's shard is converted and loaded on its own). Supported: ZeRO stages 1 and 2 (DeepSpeed's universal loader
 does not re-partition ZeRO-3 optimizer state in 0.19).
 """
 
@@ -45,9 +45,15 @@ class UniversalError(Exception):
     """A checkpoint that cannot be re-sharded; ``str()`` is one line."""
 
 
-def convert_to_universal(tag_dir: Path, output_dir: Path) -> Path:
-    """``ds_to_universal`` of one checkpoint tag directory into ``output_dir`` (replaced if present)."""
+def convert_to_universal(tag_dir: Path, output_dir: Path, tp_rank: int = 0) -> Path:
+    """``ds_to_universal`` of tensor-parallel rank ``tp_rank``'s files of one checkpoint tag directory into
+    ``output_dir`` (replaced if present).
+
+    Each TP rank is converted on its own, as a TP=1 checkpoint: the universal loader takes a stored parameter
+    whose shape equals the local one as is, so with an unchanged TP size every rank loads its own shard and no
+    TP merge patterns (which megatron-deepspeed records and our engine does not) are needed."""
     import torch
+    from deepspeed.checkpoint.constants import CHECKPOINT_PARALLEL_DIMS, CHECKPOINT_TP_DEGREE
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
     shutil.rmtree(output_dir, ignore_errors=True)
@@ -55,24 +61,30 @@ def convert_to_universal(tag_dir: Path, output_dir: Path) -> Path:
     view = output_dir.parent / f"{output_dir.name}.source-view"
     shutil.rmtree(view, ignore_errors=True)
     view.mkdir()
+    rank_tag = f"mp_rank_{tp_rank:02d}"
+    model_file = tag_dir / f"{rank_tag}_model_states.pt"
+    if not model_file.is_file():
+        raise UniversalError(f"{model_file}: missing (not a ZeRO-1/2 checkpoint of tensor-parallel rank {tp_rank})")
     try:
-        # ds_to_universal saves every module entry as fp32; megatron layers add `*._extra_state` entries that
-        # are None. The converter reads a copy of the model states without them; the universal checkpoint
-        # then gets the original files back (the engine's strict module load expects those entries).
-        model_files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
-        for path in tag_dir.iterdir():
-            if path in model_files:
-                state = torch.load(path, map_location="cpu", weights_only=False)
-                state["module"] = {k: v for k, v in state["module"].items() if isinstance(v, torch.Tensor)}
-                torch.save(state, view / path.name)
-            elif path.is_file():
-                os.symlink(path.resolve(), view / path.name)
-        # Our engine does not record megatron's TP-merge patterns; with an unchanged TP size the default
-        # universal info is all the conversion needs.
+        # The converter sees this rank's files under TP-rank-0 names. It saves every module entry as fp32;
+        # megatron layers add `*._extra_state` entries that are None, so it reads a copy without them, and the
+        # universal checkpoint gets the original model states (the engine's strict module load wants them).
+        state = torch.load(model_file, map_location="cpu", weights_only=False)
+        state["module"] = {k: v for k, v in state["module"].items() if isinstance(v, torch.Tensor)}
+        if isinstance(state.get(CHECKPOINT_PARALLEL_DIMS), dict):  # the view holds one TP rank
+            state[CHECKPOINT_PARALLEL_DIMS] = dict(state[CHECKPOINT_PARALLEL_DIMS], **{CHECKPOINT_TP_DEGREE: 1})
+        torch.save(state, view / "mp_rank_00_model_states.pt")
+        optim_files = sorted(tag_dir.glob(f"*_{rank_tag}_optim_states.pt"))
+        if not optim_files:
+            raise UniversalError(f"{tag_dir}: no *_{rank_tag}_optim_states.pt (a ZeRO-0 checkpoint?)")
+        for path in optim_files:
+            os.symlink(path.resolve(), view / path.name.replace(rank_tag, "mp_rank_00"))
         args = SimpleNamespace(input_folder=str(view), output_folder=str(output_dir), num_extract_workers=1,
                                num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
         ds_to_universal(args)
-        for path in model_files:
+        # DeepSpeed's loader wants the model states of every TP rank next to each other (it checks their count
+        # against the saved TP size), and reads its own rank's.
+        for path in sorted(tag_dir.glob("mp_rank_*_model_states.pt")):
             shutil.copy2(path, output_dir / path.name)
     finally:
         shutil.rmtree(view, ignore_errors=True)
@@ -117,6 +129,7 @@ def reshard(source: str | os.PathLike, output: str | os.PathLike, tag: str | Non
     import torch
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
+    from megatron.core import parallel_state
 
     from model import build_model
     from model.parallel import MegatronMpuForDeepSpeed, initialize_model_parallel
@@ -153,7 +166,10 @@ def reshard(source: str | os.PathLike, output: str | os.PathLike, tag: str | Non
     universal_dir = ckpt_dir / f".universal-{point.tag}"
     if rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        convert_to_universal(point.tag_dir, universal_dir / point.tag)
+    dist.barrier(group=group)
+    # One universal checkpoint per TP rank, converted by the first ranks of the new world in parallel.
+    if rank < tp_size:
+        convert_to_universal(point.tag_dir, universal_dir / f"tp_{rank:02d}" / point.tag, tp_rank=rank)
     dist.barrier(group=group)
 
     accelerator = get_accelerator()
@@ -182,10 +198,11 @@ def reshard(source: str | os.PathLike, output: str | os.PathLike, tag: str | Non
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups, config=engine_config,
                                            lr_scheduler=make_scheduler, mpu=MegatronMpuForDeepSpeed(),
                                            dist_init_required=False)
-    path, client_state = engine.load_checkpoint(str(universal_dir), tag=point.tag, load_optimizer_states=True,
+    my_universal = universal_dir / f"tp_{parallel_state.get_tensor_model_parallel_rank():02d}"
+    path, client_state = engine.load_checkpoint(str(my_universal), tag=point.tag, load_optimizer_states=True,
                                                 load_lr_scheduler_states=True)
     if path is None or client_state is None:
-        raise UniversalError(f"DeepSpeed could not load the universal checkpoint {universal_dir / point.tag}")
+        raise UniversalError(f"DeepSpeed could not load the universal checkpoint {my_universal / point.tag}")
     engine._config.load_universal_checkpoint = False  # save natively
 
     fresh = [None] * world_size

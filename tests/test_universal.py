@@ -1,9 +1,9 @@
 """Resume on fewer data-parallel ranks through DeepSpeed's universal checkpoint (python -m pipeline.universal).
 
-A run saved with DP=2 (2 CPU ranks, ZeRO-2, TP=1) is re-sharded for DP=1 and resumed by one process: the
+A run saved with DP=2 x TP=2 (4 CPU ranks, ZeRO-2) is re-sharded for DP=1 x TP=2 and resumed by 2 ranks: the
 consumed-samples position carries over (the next global batches are exactly the ones the DP=2 run would have
 used) and, with dropout off, the per-step losses match an uninterrupted DP=2 run -- which also shows the Adam
-moments and the LR schedule came through the conversion.
+moments and the LR schedule came through the conversion. (The Slurm test covers TP=1: 2 tasks -> 1 task.)
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ STEPS, STOP = 6, 3
 
 def _args(prefix, tokenizer, run_dir, extra=()):
     return tiny_train_args(prefix, tokenizer, run_dir, steps=STEPS, architecture="3ml-self",
-                           ds_config="zero2_fp32.json", tp=1, extra=[*NO_DROPOUT, *extra])
+                           ds_config="zero2_fp32.json", tp=2, extra=[*NO_DROPOUT, *extra])
 
 
 def _python(args: list[str], log: Path) -> str:
@@ -35,21 +35,27 @@ def _python(args: list[str], log: Path) -> str:
     return proc.stdout + proc.stderr
 
 
-def test_dp2_checkpoint_resumes_on_dp1(tmp_path, tiny_dataset_prefix, tiny_tokenizer):
+def _torchrun_out(nproc: int, args: list[str], log: Path) -> str:
+    torchrun(nproc, args, log)
+    return log.read_text(errors="replace")
+
+
+def test_dp2_checkpoint_resumes_on_dp1_with_tp2(tmp_path, tiny_dataset_prefix, tiny_tokenizer):
     reference, first, resharded = tmp_path / "reference", tmp_path / "dp2", tmp_path / "dp1"
-    torchrun(2, _args(tiny_dataset_prefix, tiny_tokenizer, reference), tmp_path / "reference.log")
-    torchrun(2, _args(tiny_dataset_prefix, tiny_tokenizer, first, ["--stop-at-step", str(STOP)]),
+    torchrun(4, _args(tiny_dataset_prefix, tiny_tokenizer, reference), tmp_path / "reference.log")
+    torchrun(4, _args(tiny_dataset_prefix, tiny_tokenizer, first, ["--stop-at-step", str(STOP)]),
              tmp_path / "dp2.log")
 
-    out = _python(["-m", "pipeline.universal", str(first), "--output", str(resharded)], tmp_path / "reshard.log")
-    assert f"(world 2, DP 2) to {resharded}/checkpoints/step_{STOP:08d} (world 1, DP 1, TP 1)" in out, out
+    out = _torchrun_out(2, ["-m", "pipeline.universal", str(first), "--output", str(resharded)],
+                        tmp_path / "reshard.log")
+    assert f"(world 4, DP 2) to {resharded}/checkpoints/step_{STOP:08d} (world 2, DP 1, TP 2)" in out, out
     run_config = json.loads((resharded / "checkpoints" / f"step_{STOP:08d}" / "run_config.json").read_text())
     assert run_config["world"]["data_parallel_size"] == 1
     assert run_config["consumed_samples"] == STOP * 8
     assert not list((resharded / "checkpoints").glob(".universal-*"))  # the intermediate copy is removed
 
-    out = _python(_args(tiny_dataset_prefix, tiny_tokenizer, resharded, ["--load", str(resharded)]),
-                  tmp_path / "resume.log")
+    out = _torchrun_out(2, _args(tiny_dataset_prefix, tiny_tokenizer, resharded, ["--load", str(resharded)]),
+                        tmp_path / "resume.log")
     assert f"resumed from {resharded}/checkpoints/step_{STOP:08d}: step {STOP}, {STOP * 8} samples consumed" in out
 
     expected = dict(train_losses(reference))
@@ -59,6 +65,7 @@ def test_dp2_checkpoint_resumes_on_dp1(tmp_path, tiny_dataset_prefix, tiny_token
         assert resumed[step] == pytest.approx(expected[step], rel=1e-4, abs=1e-4), (step, resumed, expected)
     config = json.loads((resharded / "config.json").read_text())
     assert config["parallel"]["data_parallel_size"] == 1 and config["parallel"]["gradient_accumulation_steps"] == 2
+    assert config["parallel"]["tensor_parallel_size"] == 2
 
 
 def test_reshard_refuses_a_missing_checkpoint(tmp_path):
