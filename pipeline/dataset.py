@@ -126,7 +126,7 @@ class PackedSequences:
         self.stream_tokens = int(self._lengths.sum() + self._separator_after.sum())
         self._num_sequences = -(-self.stream_tokens // self.content_len)
         self._starts = self._load_or_build_starts()
-        self._epoch_order: tuple[int, np.ndarray] | None = None
+        self._epoch_orders: dict[int, np.ndarray] = {}
 
     def __getstate__(self):
         return {"path_prefix": self.path_prefix, "seq_len": self.seq_len, "special": self.special,
@@ -181,10 +181,17 @@ class PackedSequences:
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """The order in which epoch ``epoch`` visits the sequences (a permutation seeded by (seed, epoch))."""
-        if self._epoch_order is None or self._epoch_order[0] != epoch:
-            order = np.random.default_rng([self.seed, int(epoch)]).permutation(self._num_sequences)
-            self._epoch_order = (int(epoch), order)
-        return self._epoch_order[1]
+        epoch = int(epoch)
+        order = self._epoch_orders.get(epoch)
+        if order is None:
+            # Shuffling an int32 range draws the same swaps as permutation(n) and halves the memory.
+            dtype = np.int32 if self._num_sequences < 2**31 else np.int64
+            order = np.arange(self._num_sequences, dtype=dtype)
+            np.random.default_rng([self.seed, epoch]).shuffle(order)
+            # Two epochs are kept: a batch (and a worker's queue) may straddle an epoch boundary.
+            self._epoch_orders = {e: o for e, o in self._epoch_orders.items() if e == epoch - 1}
+            self._epoch_orders[epoch] = order
+        return order
 
     def sequence(self, j: int) -> np.ndarray:
         """Sequence number ``j`` in stream order (unshuffled)."""

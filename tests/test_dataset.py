@@ -62,6 +62,7 @@ def test_packing_covers_every_token_exactly_once_per_epoch(tiny_dataset_prefix, 
             contents.append(sequence[1:real - 1])
         np.testing.assert_array_equal(np.concatenate(contents), stream)
     assert not np.array_equal(packed.epoch_order(0), packed.epoch_order(1))  # epochs reshuffled
+    np.testing.assert_array_equal(packed.epoch_order(7), np.random.default_rng([3, 7]).permutation(len(packed)))
 
 
 def test_documents_with_several_sequences_are_joined_without_separator(tmp_path):
