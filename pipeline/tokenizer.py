@@ -73,8 +73,8 @@ def load_tokenizer(path: str | os.PathLike):
 
 def special_tokens(tokenizer) -> SpecialTokens:
     """Ids of the special tokens of a ``PreTrainedTokenizerFast`` or a raw ``tokenizers.Tokenizer``."""
-    lookup = tokenizer.token_to_id if hasattr(tokenizer, "token_to_id") else tokenizer.convert_tokens_to_ids
-    ids = {token: lookup(token) for token in SPECIAL_TOKEN_STRINGS}
+    vocab = tokenizer.get_vocab()  # (convert_tokens_to_ids would map a missing token to <unk>'s id)
+    ids = {token: vocab.get(token) for token in SPECIAL_TOKEN_STRINGS}
     missing = [token for token, token_id in ids.items() if token_id is None]
     if missing:
         raise DataError(f"tokenizer lacks the special tokens {' '.join(missing)}")
