@@ -90,7 +90,9 @@ export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"
 # --- one run directory for every job and restart ---------------------------------------------------------
 mkdir -p "$RUN_DIR/logs"
 LOG_FILE="$RUN_DIR/logs/job-${SLURM_JOB_ID}-restart-${RESTART_COUNT}.log"
-exec > >(tee -a "$LOG_FILE") 2>&1
+# tee ignores USR1/TERM: `scancel --full` and the time limit signal every process of the batch step, and a dead
+# tee would take this shell down (SIGPIPE) before it could requeue.
+exec > >(trap '' USR1 TERM; exec tee -a "$LOG_FILE") 2>&1
 printf '%s\t%s\t%s\t%s\t%s\n' "$SLURM_JOB_ID" "$RESTART_COUNT" "$(date -u +%FT%TZ)" "$SLURM_JOB_NODELIST" \
     "${SLURM_NTASKS:-1}" >> "$RUN_DIR/logs/jobs.tsv"
 

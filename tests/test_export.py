@@ -149,3 +149,45 @@ def test_export_refuses_bad_input(checkpoints, tmp_path):
                           cwd=REPO)
     assert proc.returncode == 1 and "already exists" in proc.stderr
     assert not list(tmp_path.glob(".*partial*"))  # nothing half-written left behind
+
+
+@pytest.mark.parametrize("architecture,pre_ln,tied,pad_id", [("mlm", False, False, 1), ("3ml-cross", True, True, 0)])
+def test_hf_mapping_in_process(architecture, pre_ln, tied, pad_id):
+    """encoder_to_hf on a freshly built model (no DeepSpeed): RoBERTa with the MLM head, untied output
+    projection, and a padding id other than RoBERTa's 1 (HF position ids start at pad_id + 1)."""
+    from transformers import AutoModelForMaskedLM
+
+    from model import ModelConfig
+    from pipeline.export import encoder_to_hf, hf_config
+
+    config = ModelConfig.preset("tiny", architecture, vocab_size=300, pre_ln=pre_ln, tie_embeddings=tied,
+                                pad_token_id=pad_id, hidden_dropout=0.0, attention_dropout=0.0)
+    from model import build_model
+    from model.parallel import initialize_single_process
+
+    initialize_single_process()
+    own = build_model(config, init_seed=7).eval()
+    with torch.no_grad():  # non-trivial LayerNorms and biases, so a wrong mapping cannot hide behind init values
+        for name, param in own.named_parameters():
+            if name.endswith("bias") or "layernorm" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    hf = AutoModelForMaskedLM.from_config(hf_config(config))
+    missing, unexpected = hf.load_state_dict(encoder_to_hf(own.state_dict(), config), strict=False)
+    assert not unexpected and not [m for m in missing if "decoder.weight" not in m or not tied], missing
+    if tied:
+        hf.tie_weights()
+    hf.eval()
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(5, config.vocab_size, (2, 12), generator=generator)
+    mask = torch.ones_like(input_ids, dtype=torch.bool)
+    input_ids[1, 9:] = pad_id
+    mask[1, 9:] = False
+    with torch.no_grad():
+        hidden = own.encoder(input_ids, mask)
+        weight = own.encoder.embeddings.word_embeddings.weight if tied else own.output_layer.weight
+        ours = torch.nn.functional.linear(own.head_transform(hidden), weight[:config.vocab_size],
+                                          own.output_layer.bias[:config.vocab_size])
+        their_hidden = hf.base_model(input_ids=input_ids, attention_mask=mask.long()).last_hidden_state
+        their_logits = hf(input_ids=input_ids, attention_mask=mask.long()).logits
+    assert (their_hidden - hidden)[mask].abs().max().item() <= TOLERANCE
+    assert (their_logits - ours)[mask].abs().max().item() <= TOLERANCE

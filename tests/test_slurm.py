@@ -146,3 +146,24 @@ def test_slurm_preemption_checkpoints_requeues_and_resumes(cluster, tmp_path, ti
     assert not (run_dir / "stopped_by_signal").exists()
     jobs = (run_dir / "logs" / "jobs.tsv").read_text().splitlines()
     assert [line.split("\t")[:2] for line in jobs] == [[job_id, "0"], [job_id, "1"]]
+
+
+def test_slurm_chain_submits_afterany_links(cluster, tmp_path, tiny_dataset_prefix, tiny_tokenizer):
+    """slurm/chain.sh: N jobs, each depending (afterany) on the previous one; submitted held and cancelled, so
+    nothing runs."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    env = _job_env(run_dir, tiny_dataset_prefix, tiny_tokenizer)
+    out = cluster.run(str(REPO / "slurm" / "chain.sh"), "3", str(REPO / "slurm" / "pretrain_base.sh"), "--hold",
+                      f"--output={run_dir}/slurm-%j.out", env=env)
+    job_ids = out.stdout.split()
+    try:
+        assert len(job_ids) == 3, out.stdout
+        assert cluster.job_field(job_ids[0], "Dependency") == "(null)"
+        for previous, job_id in zip(job_ids, job_ids[1:]):
+            assert cluster.job_field(job_id, "Dependency").startswith(f"afterany:{previous}"), job_id
+        for job_id in job_ids:
+            assert cluster.job_field(job_id, "Requeue") == "1"  # --requeue from the batch script's header
+            assert cluster.job_field(job_id, "TimeLimit") == "00:10:00"  # TIME_LIMIT reached sbatch
+    finally:
+        cluster.run("scancel", *job_ids, check=False)
