@@ -263,3 +263,16 @@ def test_long_documents_are_tokenized_in_pieces_with_identical_ids(english_text_
     expected = [tokenizer.encode(document, add_special_tokens=False).ids for document in documents]
     assert lengths.tolist() == [len(ids) for ids in expected]
     assert tokens.tolist() == [token for ids in expected for token in ids]
+
+
+def test_damaged_compressed_input_is_named(tmp_path, tiny_tokenizer):
+    data = lzma.compress(("\n".join(PARAGRAPHS) * 200).encode("utf-8"))
+    damaged = tmp_path / "cut.txt.xz"
+    damaged.write_bytes(data[:len(data) // 2])
+    with pytest.raises(DataError, match=r"cut.txt.xz: cannot read \(Compressed file ended"):
+        _run(tmp_path, [damaged], tiny_tokenizer, one_doc_per_line=True)
+    not_gzip = tmp_path / "plain.txt.gz"
+    not_gzip.write_text("not gzip at all")
+    with pytest.raises(DataError, match=r"plain.txt.gz: cannot read"):
+        _run(tmp_path, [not_gzip], tiny_tokenizer)
+    assert _listing(tmp_path) == ["cut.txt.xz", "plain.txt.gz"]
