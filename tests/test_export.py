@@ -23,11 +23,13 @@ TOLERANCE = 1e-5
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, tiny_dataset_prefix, tiny_tokenizer):
-    """Two short runs with 2 ranks at TP=2: 3MLself (post-LN) under ZeRO-2, 3MLcross (pre-LN) under ZeRO-3."""
+    """Short runs with 2 ranks at TP=2: 3MLself (post-LN) under ZeRO-2, 3MLcross (pre-LN) under ZeRO-3, RoBERTa
+    MLM (post-LN, with its head) without ZeRO."""
     root = tmp_path_factory.mktemp("export_ckpt")
     runs = {}
     for name, architecture, ds_config in (("zero2", "3ml-self", "zero2_fp32.json"),
-                                          ("zero3", "3ml-cross", "zero3_fp32.json")):
+                                          ("zero3", "3ml-cross", "zero3_fp32.json"),
+                                          ("zero0", "mlm", "zero0_fp32.json")):
         run_dir = root / name
         torchrun(2, tiny_train_args(tiny_dataset_prefix, tiny_tokenizer, run_dir, steps=3,
                                     architecture=architecture, ds_config=ds_config, tp=2), root / f"{name}.log")
@@ -135,6 +137,13 @@ def test_export_zero3_tp2_pre_ln_with_mlm_head_and_decoder(checkpoints, tmp_path
     assert any(name.startswith("decoder.") for name in state)
     for name, tensor in state.items():
         assert torch.equal(full_state[name], tensor), name
+
+
+def test_export_zero0_tp2_mlm_with_head(checkpoints, tmp_path):
+    export_dir = tmp_path / "hf"
+    out = _export(checkpoints["zero0"], export_dir)
+    assert "ZeRO-0, TP=2" in out and "as roberta with the MLM head" in out
+    _check_export(checkpoints["zero0"], export_dir, "roberta", expect_head=True)
 
 
 def test_export_refuses_bad_input(checkpoints, tmp_path):
