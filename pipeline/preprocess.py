@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import bz2
+import codecs
 import glob
 import gzip
 import itertools
@@ -153,7 +154,10 @@ class DocumentReader:
         with open_input_binary(path) as stream:
             try:
                 for line_number, raw_line in enumerate(stream, start=1):
-                    yield line_number, self._decode(path, raw_line, offset)
+                    if line_number == 1 and raw_line.startswith(codecs.BOM_UTF8):  # a BOM is not text
+                        yield line_number, self._decode(path, raw_line[len(codecs.BOM_UTF8):], len(codecs.BOM_UTF8))
+                    else:
+                        yield line_number, self._decode(path, raw_line, offset)
                     offset += len(raw_line)
                     self.stats.text_bytes += len(raw_line)
             except (OSError, EOFError, lzma.LZMAError) as error:

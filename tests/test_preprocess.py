@@ -176,6 +176,13 @@ def test_replace_invalid_counts_and_warns(tmp_path, tiny_tokenizer, capsys):
         "first \ufffd line", "second \ufffd\ufffd line \ufffd kept"]
 
 
+def test_utf8_byte_order_mark_is_not_text(tmp_path, tiny_tokenizer):
+    source = tmp_path / "bom.txt"
+    source.write_bytes(b"\xef\xbb\xbffirst\nsecond\n")
+    prefix, _ = _run(tmp_path, [source], tiny_tokenizer, one_doc_per_line=True)
+    assert _decode_split(prefix, "train", load_tokenizer(tiny_tokenizer)) == ["first", "second"]
+
+
 def test_empty_documents_are_skipped_and_counted(tmp_path, tiny_tokenizer):
     source = tmp_path / "docs.txt"
     source.write_text("one\n\n  \ntwo\n\nthree\n", encoding="utf-8")
