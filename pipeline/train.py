@@ -508,6 +508,11 @@ class Trainer:
         self.resume = None
         if cfg.runtime.load:
             self.resume = self._find_and_check_resume_point(cfg.runtime.load)
+        elif self.run_dir is not None:
+            from pipeline.checkpoint import checkpoints_dir, complete_tags
+            if complete_tags(checkpoints_dir(self.run_dir)):
+                raise ConfigError(f"{self.run_dir} already holds checkpoints; pass --load {self.run_dir} to resume "
+                                  "or choose another --save directory")
 
         from model import build_model
 
@@ -635,8 +640,18 @@ class Trainer:
         self.progress = None
         if self.is_rank0:
             config_dict = self.config.to_dict()
-            self._log("resolved config:\n" + json.dumps(config_dict, indent=2, sort_keys=True))
-            if self.run_dir is not None:
+            cfg = self.config
+            self._log(f"{cfg.model.architecture} ({cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}), "
+                      f"masking {cfg.masking.rate:g} {cfg.masking.strategy}, seq {cfg.training.seq_len}, "
+                      f"batch {cfg.training.global_batch_size} = {cfg.training.micro_batch_size} x "
+                      f"{cfg.gradient_accumulation_steps} accumulation x {cfg.data_parallel_size} DP, "
+                      f"TP {cfg.tensor_parallel_size}, ZeRO-{config_dict['parallel']['zero_stage']} "
+                      f"{config_dict['parallel']['precision']}, lr {cfg.training.lr:g}, "
+                      f"{cfg.training.train_steps} steps (launcher: {self.launch.launcher})")
+            if self.run_dir is None:
+                self._log("resolved config:\n" + json.dumps(config_dict, indent=2, sort_keys=True))
+            else:
+                self._log(f"resolved config: {self.run_dir / CONFIG_FILE}")
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 (self.run_dir / STOPPED_BY_SIGNAL_FILE).unlink(missing_ok=True)
                 from pipeline.checkpoint import write_json_atomic
@@ -800,6 +815,11 @@ class Trainer:
         window_start, window_steps = time.perf_counter(), 0
         saved_at = self.step if self.resume is not None else None
         stop_reason = None
+        if self.step == 0 and self.valid_loader is not None:
+            # The starting point of the validation curve (the untrained model).
+            record = self.evaluate()
+            self._write_metrics(record)
+            self._log(_eval_line(record))
         while self.step < last_step:
             self._train_step(accum)
             window_steps += 1

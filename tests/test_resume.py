@@ -123,3 +123,7 @@ def test_incompatible_config_is_refused(tmp_path, baseline, tiny_dataset_prefix,
     assert "masking.rate: checkpoint 0.4, now 0.3" in text and "model.hidden_size: checkpoint 64, now 128" in text
     assert "Traceback" not in text
     assert losses_by_step(run_dir) == losses_by_step(baseline)  # nothing was overwritten
+
+    # Starting afresh into a directory that holds checkpoints would silently discard them.
+    refused = run(args(tiny_dataset_prefix, tiny_tokenizer, run_dir), tmp_path / "l2", expect_rc=1)
+    assert "already holds checkpoints; pass --load" in refused.output()
