@@ -466,7 +466,9 @@ def preprocess(config: PreprocessConfig) -> dict:
         with open(temporaries[meta_path(prefix)], "w", encoding="utf-8") as stream:
             json.dump(meta, stream, indent=2)
             stream.write("\n")
-        # Everything is written: publish. meta.json goes last, so its presence means a complete dataset.
+        # Everything is written: publish. An older meta.json goes first and the new one last, so a meta.json
+        # always describes the .bin/.idx files next to it.
+        meta_path(prefix).unlink(missing_ok=True)
         for final in finals:
             os.replace(temporaries[final], final)
     finally:
