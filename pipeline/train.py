@@ -279,13 +279,24 @@ class ResolvedConfig:
         }
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows a default only where there is one: hyper-parameters default to None so a recipe can fill them,
+    and their help text states the TrainingConfig default itself."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, [], argparse.SUPPRESS) and "default" not in text:
+            text += " [default: %(default)s]"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="run_pretrain.py",
         description="Pre-train MLM / 3MLself / 3MLcross with DeepSpeed (ZeRO 0-3, tensor parallelism, fp16/bf16). "
                     "Hyper-parameters: a recipe and/or the options below (explicit options win over the recipe). "
                     "Implementation settings: --deepspeed_config.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     g = parser.add_argument_group("recipe and model")
     g.add_argument("--recipe", help="paper recipe 'base' (3MLself-base, Table 4) or 'large', or a recipe JSON path")
     g.add_argument("--architecture", choices=["mlm", "3ml-self", "3ml-cross"],
