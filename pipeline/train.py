@@ -565,7 +565,20 @@ class Trainer:
         from pipeline.checkpoint import (CheckpointError, canonical_json_sha256, config_differences,
                                          find_resume_point, read_run_config)
 
-        point = find_resume_point(load_path)
+        import torch.distributed as dist
+
+        # Rank 0 verifies the checkpoint files (sha256 of every file) once and tells the others which tag to
+        # load, instead of every rank of every node re-reading the whole checkpoint.
+        choice: list = [None]
+        if self.is_rank0:
+            try:
+                choice[0] = ("ok", find_resume_point(load_path))
+            except CheckpointError as error:
+                choice[0] = ("error", str(error))
+        dist.broadcast_object_list(choice, src=0, group=self.control_group)
+        status, point = choice[0]
+        if status == "error":
+            raise CheckpointError(point)
         if point is None:
             self._log(f"no checkpoint under {load_path}; starting from scratch")
             return None
