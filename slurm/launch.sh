@@ -96,6 +96,16 @@ exec > >(trap '' USR1 TERM; exec tee -a "$LOG_FILE") 2>&1
 printf '%s\t%s\t%s\t%s\t%s\n' "$SLURM_JOB_ID" "$RESTART_COUNT" "$(date -u +%FT%TZ)" "$SLURM_JOB_NODELIST" \
     "${SLURM_NTASKS:-1}" >> "$RUN_DIR/logs/jobs.tsv"
 
+# Pre-emption signals: remembered from here on, forwarded to the running srun step (see the header).
+got_usr1=0
+got_term=0
+srun_pid=""
+forward() {  # $1 = signal name
+    if [[ -n "$srun_pid" ]]; then kill -s "$1" "$srun_pid" 2>/dev/null || true; fi
+}
+trap 'got_usr1=1; echo "launch.sh: SIGUSR1 received, asking training to checkpoint and stop"; forward USR1' USR1
+trap 'got_term=1; echo "launch.sh: SIGTERM received, asking training to checkpoint and stop"; forward TERM' TERM
+
 # --- the training command -------------------------------------------------------------------------------------
 train_cmd=("$PYTHON" "$REPO_DIR/run_pretrain.py" --recipe "$RECIPE" --data-prefix "$DATA_PREFIX" --save "$RUN_DIR")
 [[ -n "$TOKENIZER" ]] && train_cmd+=(--tokenizer "$TOKENIZER")
@@ -107,6 +117,7 @@ if [[ -f "$RUN_DIR/checkpoints/latest" ]]; then
     saved_world="$("$PYTHON" -c 'import sys; from pipeline.universal import checkpoint_world_size as w; print(w(sys.argv[1]) or "")' "$RUN_DIR" || true)"
     if [[ -n "$saved_world" && "$saved_world" != "${SLURM_NTASKS:-1}" && "$RESHARD_ON_WORLD_CHANGE" == 1 ]]; then
         echo "launch.sh: the checkpoint was written by $saved_world ranks, this job has ${SLURM_NTASKS:-1}: re-sharding"
+        # Not interrupted by a forwarded signal: the in-place re-shard is atomic and takes a minute or two.
         srun --kill-on-bad-exit=1 --export=ALL "$REPO_DIR/slurm/rank_env.sh" \
             "$PYTHON" -m pipeline.universal "$RUN_DIR" --output "$RUN_DIR"
     fi
@@ -119,15 +130,14 @@ echo "launch.sh: job $SLURM_JOB_ID restart $RESTART_COUNT on $SLURM_JOB_NODELIST
 echo "launch.sh: ${train_cmd[*]}"
 
 # --- run it, forwarding pre-emption signals ---------------------------------------------------------------------
-got_usr1=0
-got_term=0
-srun_pid=""
-forward() {  # $1 = signal name
-    if [[ -n "$srun_pid" ]]; then kill -s "$1" "$srun_pid" 2>/dev/null || true; fi
-}
-trap 'got_usr1=1; echo "launch.sh: SIGUSR1 received, asking training to checkpoint and stop"; forward USR1' USR1
-trap 'got_term=1; echo "launch.sh: SIGTERM received, asking training to checkpoint and stop"; forward TERM' TERM
-
+if [[ "$got_usr1" == 1 || "$got_term" == 1 ]]; then
+    # Signalled before training started (e.g. during a re-shard): nothing new to save.
+    if [[ "$got_usr1" == 1 && "$got_term" == 0 && "$REQUEUE_ON_SIGNAL" == 1 ]]; then
+        echo "launch.sh: signalled before training started; requeueing job $SLURM_JOB_ID"
+        scontrol requeue "$SLURM_JOB_ID"
+    fi
+    exit 0
+fi
 # --kill-on-bad-exit: one crashed rank ends the step instead of leaving the others blocked in a collective.
 srun --kill-on-bad-exit=1 --export=ALL "$REPO_DIR/slurm/rank_env.sh" "${train_cmd[@]}" &
 srun_pid=$!
