@@ -132,7 +132,15 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         raise RuntimeError(f"{name} wrote no pid file {path}:\n" + self.log_tail())
 
     def stop(self) -> None:
-        # slurmd first (it ends the job steps it started), then the controller; by PID, never by name.
+        # Jobs a failed test left running would outlive the daemons (slurmstepd is separate): cancel them first.
+        if self.pids:
+            jobs = self.run("squeue", "-h", "-o", "%i", check=False).stdout.split()
+            if jobs:
+                self.run("scancel", *jobs, check=False)
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline and self.run("squeue", "-h", "-o", "%i", check=False).stdout.split():
+                    time.sleep(0.5)
+        # slurmd first, then the controller; by PID, never by name.
         for name in ("slurmd", "slurmctld"):
             pid = self.pids.pop(name, None)
             if pid is None:
