@@ -454,10 +454,6 @@ class StopSignal:
     def _handler(self, signum, frame):
         self.received = signum
 
-    @property
-    def name(self) -> str | None:
-        return signal.Signals(self.received).name if self.received else None
-
 
 def _ignore_stop_signals_in_worker(worker_init_fn):
     """DataLoader workers must survive a SIGTERM sent to the whole process group: the main process decides
@@ -813,14 +809,16 @@ class Trainer:
         return self.consumed_samples // self.samples_per_epoch
 
     # --- the loop --------------------------------------------------------------------------------------
-    def _stop_requested(self) -> bool:
-        """All ranks agree, so a signal delivered to only some ranks still stops everyone at the same step."""
+    def _agreed_stop_signal(self) -> str | None:
+        """The name of a stop signal any rank received, agreed by all ranks (a signal delivered to only some
+        ranks still stops everyone at the same step), or None."""
         import torch
         import torch.distributed as dist
 
-        flag = torch.tensor([1 if self.stop_signal.received else 0], dtype=torch.int32)
+        flag = torch.tensor([self.stop_signal.received or 0], dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.control_group)
-        return bool(flag.item())
+        signum = int(flag.item())
+        return signal.Signals(signum).name if signum else None
 
     def train(self) -> int:
         import torch
@@ -836,7 +834,6 @@ class Trainer:
             restore_rng_state(self.rng_states_to_restore)
         self.engine.train()
         accum = torch.zeros(8, dtype=torch.float32, device=self.device)
-        window_start, window_steps = time.perf_counter(), 0
         saved_at = self.step if self.resume is not None else None
         stop_reason = None
         if self.step == 0 and self.valid_loader is not None:
@@ -844,6 +841,7 @@ class Trainer:
             record = self.evaluate()
             self._write_metrics(record)
             self._log(_eval_line(record))
+        window_start, window_steps = time.perf_counter(), 0
         while self.step < last_step:
             self._train_step(accum)
             window_steps += 1
@@ -860,6 +858,7 @@ class Trainer:
                 window_start, window_steps = time.perf_counter(), 0
             if self.progress is not None:
                 self.progress.update(1)
+            side_work_start = time.perf_counter()
             if self.valid_loader is not None and runtime.eval_interval and self.step % runtime.eval_interval == 0:
                 record = self.evaluate()
                 self._write_metrics(record)
@@ -867,11 +866,12 @@ class Trainer:
             if self.run_dir is not None and self.step % runtime.save_interval == 0:
                 self.save_checkpoint()
                 saved_at = self.step
+            window_start += time.perf_counter() - side_work_start  # throughput counts training time only
             pause_until = time.monotonic() + _pause_hook(PAUSE_AFTER_STEP_ENV, self.step)
             while time.monotonic() < pause_until and not self.stop_signal.received:
                 time.sleep(0.05)
-            if self._stop_requested():
-                stop_reason = self.stop_signal.name or "signal"
+            stop_reason = self._agreed_stop_signal()
+            if stop_reason is not None:
                 break
         if self.run_dir is not None and saved_at != self.step:
             self.save_checkpoint()
