@@ -403,6 +403,10 @@ def resolve_config(args: argparse.Namespace, world_size: int, dataset_meta: dict
                  "pad_token_id": int(dataset_meta["special_tokens"]["pad"])}
     overrides.update(recipe_model.get("overrides", {}))
     overrides.update(parse_model_overrides(args.model_set))
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ConfigError(f"unknown ModelConfig field(s) {unknown}; known: {', '.join(sorted(known))}")
     try:
         model_config = ModelConfig.preset(preset, architecture, **overrides)
         model_config.check_tensor_parallel_size(tp)

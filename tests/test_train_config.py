@@ -103,3 +103,39 @@ def test_slurm_nodelist_expansion_without_scontrol(monkeypatch):
     assert distributed.expand_slurm_nodelist("gpu[01-03,07],login1") == ["gpu01", "gpu02", "gpu03", "gpu07",
                                                                         "login1"]
     assert distributed.expand_slurm_nodelist("node5") == ["node5"]
+
+
+def test_recipe_resolves_to_table_4_and_explicit_options_win():
+    from pipeline.train import resolve_config
+
+    meta = {"tokenizer": {"vocab_size": 50265, "sha256": "0" * 64},
+            "special_tokens": {"bos": 0, "pad": 1, "eos": 2, "unk": 3, "mask": 4}}
+    args = build_parser().parse_args(["--data-prefix", "d", "--recipe", "base", "--micro-batch-size", "32"])
+    config = resolve_config(args, world_size=8, dataset_meta=meta, accelerator_name="cuda", fp16_supported=True,
+                            bf16_supported=True)
+    resolved = config.to_dict()
+    assert resolved["model"]["hidden_size"] == 768 and resolved["model"]["num_layers"] == 12
+    assert resolved["model"]["pre_ln"] is False and resolved["model"]["architecture"] == "3ml-self"
+    assert resolved["model"]["vocab_size"] == 50265
+    assert resolved["masking"]["rate"] == 0.4
+    training = resolved["training"]
+    assert (training["seq_len"], training["global_batch_size"], training["lr"], training["train_steps"]) == \
+        (512, 2048, 7e-4, 153000)
+    assert config.training.warmup_steps == 9180
+    assert resolved["parallel"] == {"tensor_parallel_size": 1, "data_parallel_size": 8,
+                                    "gradient_accumulation_steps": 8, "zero_stage": 2, "precision": "fp16"}
+    ds = resolved["deepspeed"]["config"]
+    assert ds["optimizer"]["params"] == {"torch_adam": False, "lr": 7e-4, "betas": [0.9, 0.98], "eps": 1e-6,
+                                         "weight_decay": 0.01}
+    assert ds["gradient_clipping"] == 0.0 and ds["fp16"]["enabled"] is True
+
+    args = build_parser().parse_args(["--data-prefix", "d", "--recipe", "large", "--micro-batch-size", "64",
+                                      "--lr", "1e-3", "--tensor-parallel-size", "2",
+                                      "--deepspeed_config", "zero1_bf16.json", "--model-set", "hidden_dropout=0.0"])
+    config = resolve_config(args, 16, meta, "cuda", True, True)
+    assert config.training.lr == 1e-3 and config.training.seq_len == 128 and config.training.global_batch_size == 4096
+    assert config.model.pre_ln is True and config.model.num_layers == 24 and config.model.hidden_dropout == 0.0
+    assert config.masking.rate == 0.5 and config.data_parallel_size == 8 and config.gradient_accumulation_steps == 8
+    with pytest.raises(ConfigError, match=r"unknown ModelConfig field\(s\) \['hidden'\]; known: .*hidden_size"):
+        resolve_config(build_parser().parse_args(["--data-prefix", "d", "--model-set", "hidden=3"]), 1, meta,
+                       "cpu", False, True)
