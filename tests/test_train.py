@@ -77,11 +77,8 @@ def test_fp16_when_supported(tmp_path, tiny_dataset_prefix, tiny_tokenizer):
 
     accelerator = get_accelerator()
     if not accelerator.is_fp16_supported():
-        # The refusal is still checked: a clear error rather than a crash inside DeepSpeed.
-        launched = run(layout_args(tiny_dataset_prefix, tiny_tokenizer, tmp_path / "run", 2, 1, "fp16"),
-                       tmp_path / "logs", expect_rc=1)
-        assert "fp16 is not supported" in launched.output()
-        pytest.skip(f"fp16 not supported by the {accelerator.device_name()} accelerator (refusal checked)")
+        # The clear refusal of an fp16 config on such an accelerator is checked in test_train_config.py.
+        pytest.skip(f"fp16 not supported by the {accelerator.device_name()} accelerator")
     run_dir = tmp_path / "run"
     run(layout_args(tiny_dataset_prefix, tiny_tokenizer, run_dir, 2, 1, "fp16"), tmp_path / "logs")
     losses = assert_learns(run_dir, drop=0.3)
