@@ -25,8 +25,9 @@ How (all DeepSpeed's own machinery):
    no sample is repeated or skipped), the configuration resolved for the new world, and RNG states (ranks that
    existed keep theirs; new ranks get the fresh streams a new run would seed).
 
-The tensor-parallel size must stay the same (each TP rank's shard is converted and loaded on its own). Supported: ZeRO stages 1 and 2 (DeepSpeed's universal loader
-does not re-partition ZeRO-3 optimizer state in 0.19).
+The tensor-parallel size must stay the same (each TP rank's shard is converted and loaded on its own). ZeRO
+stages 1, 2 and 3; a ZeRO-0 checkpoint (optimizer state not partitioned) needs no conversion: step 2 loads it
+natively and step 3 re-saves it for the new world.
 """
 
 from __future__ import annotations
@@ -62,21 +63,22 @@ def convert_to_universal(tag_dir: Path, output_dir: Path, tp_rank: int = 0) -> P
     shutil.rmtree(view, ignore_errors=True)
     view.mkdir()
     rank_tag = f"mp_rank_{tp_rank:02d}"
-    model_file = tag_dir / f"{rank_tag}_model_states.pt"
-    if not model_file.is_file():
-        raise UniversalError(f"{model_file}: missing (not a ZeRO-1/2 checkpoint of tensor-parallel rank {tp_rank})")
+    # ZeRO-1/2: mp_rank_XX_model_states.pt; ZeRO-3: zero_pp_rank_D_mp_rank_XX_model_states.pt per DP rank.
+    model_files = sorted(tag_dir.glob(f"*{rank_tag}_model_states.pt"))
+    optim_files = sorted(tag_dir.glob(f"*_{rank_tag}_optim_states.pt"))
+    if not model_files or not optim_files:
+        raise UniversalError(f"{tag_dir}: no *{rank_tag}_model_states.pt / *_{rank_tag}_optim_states.pt for "
+                             f"tensor-parallel rank {tp_rank} (a ZeRO-0 checkpoint?)")
     try:
         # The converter sees this rank's files under TP-rank-0 names. It saves every module entry as fp32;
-        # megatron layers add `*._extra_state` entries that are None, so it reads a copy without them, and the
+        # megatron layers add `*._extra_state` entries that are None, so it reads copies without them, and the
         # universal checkpoint gets the original model states (the engine's strict module load wants them).
-        state = torch.load(model_file, map_location="cpu", weights_only=False)
-        state["module"] = {k: v for k, v in state["module"].items() if isinstance(v, torch.Tensor)}
-        if isinstance(state.get(CHECKPOINT_PARALLEL_DIMS), dict):  # the view holds one TP rank
-            state[CHECKPOINT_PARALLEL_DIMS] = dict(state[CHECKPOINT_PARALLEL_DIMS], **{CHECKPOINT_TP_DEGREE: 1})
-        torch.save(state, view / "mp_rank_00_model_states.pt")
-        optim_files = sorted(tag_dir.glob(f"*_{rank_tag}_optim_states.pt"))
-        if not optim_files:
-            raise UniversalError(f"{tag_dir}: no *_{rank_tag}_optim_states.pt (a ZeRO-0 checkpoint?)")
+        for model_file in model_files:
+            state = torch.load(model_file, map_location="cpu", weights_only=False)
+            state["module"] = {k: v for k, v in state["module"].items() if isinstance(v, torch.Tensor)}
+            if isinstance(state.get(CHECKPOINT_PARALLEL_DIMS), dict):  # the view holds one TP rank
+                state[CHECKPOINT_PARALLEL_DIMS] = dict(state[CHECKPOINT_PARALLEL_DIMS], **{CHECKPOINT_TP_DEGREE: 1})
+            torch.save(state, view / model_file.name.replace(rank_tag, "mp_rank_00"))
         for path in optim_files:
             os.symlink(path.resolve(), view / path.name.replace(rank_tag, "mp_rank_00"))
         args = SimpleNamespace(input_folder=str(view), output_folder=str(output_dir), num_extract_workers=1,
@@ -84,7 +86,9 @@ def convert_to_universal(tag_dir: Path, output_dir: Path, tp_rank: int = 0) -> P
         ds_to_universal(args)
         # DeepSpeed's loader wants the model states of every TP rank next to each other (it checks their count
         # against the saved TP size), and reads its own rank's.
-        for path in sorted(tag_dir.glob("mp_rank_*_model_states.pt")):
+        for path in output_dir.glob("*model_states.pt"):
+            path.unlink()
+        for path in sorted(tag_dir.glob("*model_states.pt")):
             shutil.copy2(path, output_dir / path.name)
     finally:
         shutil.rmtree(view, ignore_errors=True)
@@ -149,9 +153,6 @@ def reshard(source: str | os.PathLike, output: str | os.PathLike, tag: str | Non
     saved = read_run_config(point.tag_dir)
     saved_config = saved["config"]
     zero_stage = int(saved_config["parallel"]["zero_stage"])
-    if zero_stage not in (1, 2):
-        raise UniversalError(f"{point.tag_dir}: ZeRO-{zero_stage} checkpoint; universal re-sharding supports "
-                             "ZeRO-1 and ZeRO-2")
 
     launch = init_distributed()
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -168,7 +169,7 @@ def reshard(source: str | os.PathLike, output: str | os.PathLike, tag: str | Non
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     dist.barrier(group=group)
     # One universal checkpoint per TP rank, converted by the first ranks of the new world in parallel.
-    if rank < tp_size:
+    if zero_stage > 0 and rank < tp_size:
         convert_to_universal(point.tag_dir, universal_dir / f"tp_{rank:02d}" / point.tag, tp_rank=rank)
     dist.barrier(group=group)
 
@@ -194,15 +195,16 @@ def reshard(source: str | os.PathLike, output: str | os.PathLike, tag: str | Non
             optimizer, lambda i: lr_multiplier(i, training.warmup_steps, training.train_steps))
 
     # load_universal only for this engine: the saved configuration (and the resumed run) stay native.
-    engine_config = dict(config.deepspeed, checkpoint={"load_universal": True})
+    engine_config = dict(config.deepspeed, checkpoint={"load_universal": zero_stage > 0})
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups, config=engine_config,
                                            lr_scheduler=make_scheduler, mpu=MegatronMpuForDeepSpeed(),
                                            dist_init_required=False)
-    my_universal = universal_dir / f"tp_{parallel_state.get_tensor_model_parallel_rank():02d}"
-    path, client_state = engine.load_checkpoint(str(my_universal), tag=point.tag, load_optimizer_states=True,
+    load_dir = (universal_dir / f"tp_{parallel_state.get_tensor_model_parallel_rank():02d}" if zero_stage > 0
+                else point.ckpt_dir)
+    path, client_state = engine.load_checkpoint(str(load_dir), tag=point.tag, load_optimizer_states=True,
                                                 load_lr_scheduler_states=True)
     if path is None or client_state is None:
-        raise UniversalError(f"DeepSpeed could not load the universal checkpoint {my_universal / point.tag}")
+        raise UniversalError(f"DeepSpeed could not load {load_dir / point.tag}")
     engine._config.load_universal_checkpoint = False  # save natively
 
     fresh = [None] * world_size

@@ -11,7 +11,7 @@
 #   3. resumes automatically: if RUN_DIR/checkpoints/latest exists it adds `--load RUN_DIR` (run_pretrain.py
 #      then picks the newest intact checkpoint); if that checkpoint was written by a different number of ranks
 #      (the job lost or gained nodes), it is first re-sharded in place for this job's world through DeepSpeed's
-#      universal checkpoint (`srun python -m pipeline.universal RUN_DIR --output RUN_DIR`; ZeRO-1/2, same TP);
+#      universal checkpoint (`srun python -m pipeline.universal RUN_DIR --output RUN_DIR`; any ZeRO stage, same TP);
 #   4. runs `srun ... python run_pretrain.py ...` in the background and waits for it;
 #   5. pre-emption: on SIGUSR1 (sent by Slurm `--signal=B:USR1@SECS` before the time limit, or by
 #      `scancel --signal=USR1 --batch JOBID`) it forwards USR1 to the srun step (srun passes it on to every
