@@ -119,7 +119,7 @@ def pretrain_args_from_config(saved: dict, save_dir: str) -> list[str]:
     return args
 
 
-def _rank_states_for_new_world(old_states: list, fresh_states: list, tp_size: int) -> list:
+def _rank_states_for_new_world(old_states: list, fresh_states: list) -> list:
     """Rank r of the new world keeps old rank r's RNG states if that rank existed (same TP rank: both worlds put
     consecutive ranks in one TP group); ranks beyond the old world get fresh streams."""
     return [old_states[r] if r < len(old_states) else fresh_states[r] for r in range(len(fresh_states))]
@@ -209,7 +209,7 @@ def reshard(source: str | os.PathLike, output: str | os.PathLike, tag: str | Non
 
     fresh = [None] * world_size
     dist.all_gather_object(fresh, capture_rng_state(), group=group)
-    rng_states = _rank_states_for_new_world(client_state["rng_states"], fresh, tp_size)
+    rng_states = _rank_states_for_new_world(client_state["rng_states"], fresh)
     run_config = {key: saved[key] for key in saved}
     run_config.update({
         "config": config.to_dict(), "dataset_fingerprint": canonical_json_sha256(config.dataset_meta),
