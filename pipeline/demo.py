@@ -20,6 +20,7 @@ import bz2
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -160,6 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     t = stage(f"4/5 pre-training 3MLself ({args.ranks} ranks, ZeRO-2, CPU) for {args.steps} steps")
     run_dir = out / "run"
+    shutil.rmtree(run_dir, ignore_errors=True)  # a new demo run, not a resume of the previous one
     command = pretrain_command(args, prefix, tokenizer, run_dir)
     print(" ".join(command), flush=True)
     result = subprocess.run(command, env=child_env(), cwd=str(REPO_ROOT))
