@@ -16,6 +16,7 @@ Layout of a run (``--save RUN_DIR``)::
           run_config.json         client state without tensors: step, consumed samples, config, fingerprints
           manifest.json           written last: every file's size and sha256; its presence = complete
         .partial-step_00002000/   a save in progress (or interrupted); never referenced by ``latest``
+        zero_to_fp32.py           DeepSpeed's consolidation script (copied by DeepSpeed on every save)
 
 Commit protocol (rank 0, after a barrier that follows DeepSpeed's own writes on every rank): write
 ``run_config.json`` and ``manifest.json`` into ``.partial-TAG``, rename it to ``TAG``, then replace ``latest``
