@@ -1,5 +1,6 @@
 """Pre-training under DeepSpeed on 2 CPU ranks: every ZeRO stage with TP=1/DP=2 and TP=2/DP=1 learns on the
-Lee corpus; bf16 runs; fp16 runs where the accelerator supports it. The launchers are spread over the matrix
+Lee corpus; bf16 runs; fp16 (dynamic loss scaling) runs where the accelerator supports it -- DeepSpeed's CPU
+accelerator does on CPUs with AVX512-FP16, CUDA GPUs do. The launchers are spread over the matrix
 (direct env launch as srun does, torchrun, the deepspeed launcher, mpirun via mpi4py discovery)."""
 
 from __future__ import annotations
