@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from model.config import ModelConfig
+from pipeline.flops import MFU_FWD_BWD_FACTOR
 from pipeline.masking import Masker, MaskingCollator, MaskingConfig, SpecialTokens
 
 # Special ids of a RoBERTa-style vocabulary; the benchmark needs no tokenizer.
@@ -243,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--no-dropout", action="store_true", help="dropout off (isolates the layer cost)")
-    parser.add_argument("--fwd-bwd-factor", type=float, default=3.0)
+    parser.add_argument("--fwd-bwd-factor", type=float, default=MFU_FWD_BWD_FACTOR)
     parser.add_argument("--peak-size", type=int, default=8192 if on_gpu else 512)
     parser.add_argument("--json", help="write the rows and environment here")
     args = parser.parse_args(argv)

@@ -6,7 +6,8 @@ rank and where rank 0 listens:
 * ``deepspeed`` and ``torchrun`` export ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``.
 * ``srun`` exports ``SLURM_PROCID``/``SLURM_LOCALID`` and the task count; rank 0's host is the first node of
   ``SLURM_JOB_NODELIST`` and the port is derived from the job id (so two jobs on one node do not collide).
-* ``mpirun`` (Open MPI, MPICH, PMIx): ranks come from mpi4py, rank 0 broadcasts its address.
+* ``mpirun`` (Open MPI, MPICH, PMIx): ranks come from mpi4py, rank 0 broadcasts its address (the first of
+  ``hostname -I``, as DeepSpeed's mpi4py discovery does).
 
 ``MASTER_ADDR`` and ``MASTER_PORT`` set in the environment always win (clusters whose first interface is not
 the fabric one). With no launcher at all we run a single process on 127.0.0.1.
@@ -74,6 +75,19 @@ def expand_slurm_nodelist(nodelist: str) -> list[str]:
     return hosts
 
 
+def _first_host_address() -> str:
+    """Rank 0's address for an mpirun launch: the first of ``hostname -I`` (as DeepSpeed's own mpi4py discovery
+    does), which is reachable from other nodes where ``gethostbyname(hostname)`` often gives 127.0.x.x."""
+    try:
+        addresses = subprocess.run(["hostname", "-I"], check=True, capture_output=True, text=True,
+                                   timeout=10).stdout.split()
+        if addresses:
+            return addresses[0]
+    except (subprocess.SubprocessError, OSError):
+        pass
+    return socket.gethostbyname(socket.gethostname())
+
+
 def _int_env(env, *names: str) -> int | None:
     for name in names:
         if env.get(name, "") != "":
@@ -116,7 +130,7 @@ def discover_launch(env=None) -> LaunchInfo:
         local_rank = sum(host == hosts[rank] for host in hosts[:rank])
         addr = override_addr
         if addr is None:
-            addr = comm.bcast(socket.gethostbyname(socket.gethostname()) if rank == 0 else None, root=0)
+            addr = comm.bcast(_first_host_address() if rank == 0 else None, root=0)
         port = override_port or DEFAULT_MASTER_PORT
         return LaunchInfo("mpi", rank, world_size, local_rank, addr, port)
 

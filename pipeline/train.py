@@ -553,10 +553,12 @@ class Trainer:
         if self.resume is not None:
             self._load_checkpoint()
 
-        from pipeline.flops import training_flops
+        from pipeline.flops import MFU_FWD_BWD_FACTOR, training_flops
 
+        # Model FLOPs per optimizer step for the TFLOP/s and MFU logs (forward + 2x backward).
         self.flops_per_step = float(training_flops(cfg.model, training.global_batch_size, training.seq_len,
-                                                   cfg.masking.rate, mask_fraction=cfg.masking.fractions[0]))
+                                                   cfg.masking.rate, mask_fraction=cfg.masking.fractions[0],
+                                                   fwd_bwd_factor=MFU_FWD_BWD_FACTOR))
         self._build_data()
         self._open_logs()
 
