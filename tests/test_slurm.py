@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from slurm_cluster import SlurmCluster, unavailable_reason  # noqa: E402
+from pipeline.report import ReportError, read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN_STEPS = 24
@@ -65,18 +65,10 @@ def _submit(cluster: SlurmCluster, env: dict, run_dir: Path) -> str:
 
 
 def _train_records(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
+    try:
+        return read_metrics(run_dir)[0]
+    except ReportError:  # not written yet
         return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if record.get("kind") == "train":
-            records.append(record)
-    return records
 
 
 def _diagnostics(cluster: SlurmCluster, run_dir: Path) -> str:
