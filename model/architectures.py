@@ -15,8 +15,9 @@ comes after it, all read from the static-shape index tensors of the batch (``pip
   projection predicts every corrupted token (masked, replaced, unchanged) at ``pred_positions``.
 * ``3ml-cross``: the same encoder; the decoder's queries are only the ``<mask>`` positions (``mask_embedding`` +
   decoder position embedding at ``mask_positions``); each decoder layer has self-attention among them,
-  cross-attention to the projected encoder output and an MLP. Masked tokens are predicted from the decoder via
-  ``decoder.head_transform`` (d_de -> d_en); replaced and unchanged tokens from the encoder output at
+  cross-attention to the projected encoder output (plus the decoder position embedding of each kept token's
+  original position, so queries and keys share one position table) and an MLP. Masked tokens are predicted
+  from the decoder via ``decoder.head_transform`` (d_de -> d_en); replaced and unchanged tokens from the encoder output at
   ``kept_pred_index`` via ``head_transform`` (d_en -> d_en). Both share the vocabulary projection and its bias
   (Appendix D eq. 4 counts exactly these two prediction layers).
 
@@ -174,7 +175,14 @@ class PretrainingModel(torch.nn.Module):
                 torch.nn.init.ones_(module.weight)
                 torch.nn.init.zeros_(module.bias)
         if self.decoder is not None:
-            torch.nn.init.normal_(self.decoder.mask_embedding, 0.0, std)
+            # The decoder's input is LayerNorm(content + position): at kept tokens the content is the projected
+            # encoder output, whose elements have std ~ init_std * sqrt(d_en) (the encoder output is
+            # LayerNorm-ed). Position and [MASK] embeddings at BERT's 0.02 would vanish next to it, leaving the
+            # decoder unable to tell where a token is (measured: a copy task 3MLself never learned); at the
+            # same scale as the content they are as visible as BERT's position embeddings are to its words.
+            decoder_std = std * self.config.hidden_size ** 0.5
+            torch.nn.init.normal_(self.decoder.position_embeddings.weight, 0.0, decoder_std)
+            torch.nn.init.normal_(self.decoder.mask_embedding, 0.0, decoder_std)
 
     # ------------------------------------------------------------------------------------------------------
     def _token_losses(self, hidden: torch.Tensor, transform, targets: torch.Tensor, valid: torch.Tensor):
@@ -217,7 +225,10 @@ class PretrainingModel(torch.nn.Module):
     def _forward_3ml_cross(self, batch):
         labels, corruption = batch["labels"], batch["corruption"]
         encoded = self._encode_kept(batch)
-        memory = self.decoder_projection(encoded)
+        # The memory carries the decoder's position embeddings too (at the kept tokens' original positions), so
+        # a [MASK] query finds its neighbours through one shared position table rather than by aligning the
+        # decoder's table with the encoder's.
+        memory = self.decoder.embed(self.decoder_projection(encoded), batch["kept_positions"])
         mask_positions, mask_valid = batch["mask_positions"], batch["mask_valid"]
         queries = self.decoder.mask_embedding.to(memory.dtype).expand(*mask_positions.shape, -1)
         x = self.decoder.run_layers(self.decoder.embed(queries, mask_positions), key_padding_mask(mask_valid),
