@@ -471,6 +471,12 @@ def preprocess(config: PreprocessConfig) -> dict:
         meta_path(prefix).unlink(missing_ok=True)
         for final in finals:
             os.replace(temporaries[final], final)
+        # Packing indices cached by pipeline.dataset describe the replaced .idx files: drop them rather than
+        # let them pile up (they are keyed by the .idx identity, so they would never be used again).
+        for split in SPLITS:
+            for stale in Path(split_prefix(prefix, split)).parent.glob(
+                    Path(split_prefix(prefix, split)).name + ".packed-L*.npy"):
+                stale.unlink(missing_ok=True)
     finally:
         all_tokens_path.unlink(missing_ok=True)
         for temporary in temporaries.values():

@@ -283,3 +283,17 @@ def test_damaged_compressed_input_is_named(tmp_path, tiny_tokenizer):
     with pytest.raises(DataError, match=r"plain.txt.gz: cannot read"):
         _run(tmp_path, [not_gzip], tiny_tokenizer)
     assert _listing(tmp_path) == ["cut.txt.xz", "plain.txt.gz"]
+
+
+def test_rewriting_a_dataset_drops_its_stale_packing_indices(tmp_path, english_text_file, tiny_tokenizer):
+    from pipeline.dataset import PackedSequences
+    from pipeline.tokenizer import special_tokens
+
+    special = special_tokens(load_tokenizer(tiny_tokenizer))
+    prefix, _ = _run(tmp_path, [english_text_file], tiny_tokenizer, valid_fraction=0.1, one_doc_per_line=True)
+    first = PackedSequences(f"{prefix}_train", 64, special, seed=1)
+    (cached,) = [path for path in tmp_path.iterdir() if ".packed-L64-" in path.name]
+    _run(tmp_path, [english_text_file], tiny_tokenizer, valid_fraction=0.1, one_doc_per_line=True)
+    assert not cached.exists()
+    second = PackedSequences(f"{prefix}_train", 64, special, seed=1)
+    np.testing.assert_array_equal(first.get(0, 0), second.get(0, 0))  # same text, same packing
