@@ -40,3 +40,19 @@ def tiny_dataset_prefix(tmp_path_factory, english_text_file, tiny_tokenizer) -> 
                                 one_doc_per_line=True, valid_fraction=0.05, seed=1234, workers=1,
                                 show_progress=False))
     return str(prefix)
+
+
+# One process, TP=1, for in-process model tests; torn down so multi-process tests that follow start clean.
+@pytest.fixture(scope="module")
+def single_process_group():
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from model.parallel import initialize_single_process
+
+    owns_group = not dist.is_initialized()
+    initialize_single_process(seed=5)
+    yield
+    parallel_state.destroy_model_parallel()
+    if owns_group:
+        dist.destroy_process_group()

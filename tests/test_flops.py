@@ -61,21 +61,6 @@ def test_actual_ffn_width_is_used():
     assert training_flops(wide, 1, n, 0.15) - training_flops(base("mlm"), 1, n, 0.15) == pytest.approx(extra)
 
 
-@pytest.fixture(scope="module")
-def single_process_group():
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    from model.parallel import initialize_single_process
-
-    owns_group = not dist.is_initialized()
-    initialize_single_process(seed=5)
-    yield
-    parallel_state.destroy_model_parallel()
-    if owns_group:
-        dist.destroy_process_group()
-
-
 @pytest.mark.parametrize("arch", ["mlm", "3ml-self", "3ml-cross"])
 def test_formula_matches_counted_matmul_flops_of_the_model(single_process_group, arch):
     """FlopCounterMode counts every mm/addmm/bmm (and, with the mapping below, CPU SDPA) of one forward; with a

@@ -13,19 +13,7 @@ from tp_worker import SPECIAL, VOCAB, make_batch, tiny_config
 ARCHS = ["mlm", "3ml-self", "3ml-cross"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_process_group():
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    from model.parallel import initialize_single_process
-
-    owns_group = not dist.is_initialized()
-    initialize_single_process(seed=5)
-    yield
-    parallel_state.destroy_model_parallel()
-    if owns_group:
-        dist.destroy_process_group()
+pytestmark = pytest.mark.usefixtures("single_process_group")
 
 
 def build(arch, pre_ln=False, **overrides):

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from model import ModelConfig, build_model
-from model.parallel import initialize_single_process
 from pipeline.masking import Masker, MaskingCollator, MaskingConfig, SpecialTokens
 
 SPECIAL = SpecialTokens(bos=0, pad=1, eos=2, unk=3, mask=4)
@@ -20,9 +19,7 @@ VOCAB, HALF = 64, 16
 UNIGRAM_LOSS = math.log(VOCAB - 5)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_process_group():
-    initialize_single_process(seed=0)
+pytestmark = pytest.mark.usefixtures("single_process_group")
 
 
 def copy_task_batches(masker, collator, steps, batch_size, seed):
