@@ -37,6 +37,7 @@ from typing import BinaryIO, Iterator, Sequence
 import numpy as np
 
 from pipeline.errors import DataError, exit_on_data_error
+from pipeline.fast_bpe import FastByteLevelBPE, build_fast_bpe
 from pipeline.tokenizer import load_raw_tokenizer, resolve_tokenizer_file, special_tokens, tokenizer_fingerprint
 
 META_FORMAT_VERSION = 1
@@ -265,12 +266,20 @@ def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
 # Tokenizing (in worker processes)
 
 _worker_tokenizer = None
+_worker_fast: FastByteLevelBPE | None = None
 _worker_dtype = None
+# The fast encoder preprocess() built and checked, by tokenizer file: forked workers inherit it (no rebuild).
+_prepared_fast: dict[str, FastByteLevelBPE] = {}
 
 
-def _init_worker(tokenizer_file: str, dtype_name: str) -> None:
-    global _worker_tokenizer, _worker_dtype
-    _worker_tokenizer = load_raw_tokenizer(tokenizer_file)
+def _init_worker(tokenizer_file: str, dtype_name: str, use_fast: bool = False) -> None:
+    global _worker_tokenizer, _worker_fast, _worker_dtype
+    _worker_fast = None
+    if use_fast:
+        _worker_fast = _prepared_fast.get(tokenizer_file)
+        if _worker_fast is None:  # a spawned worker: build it again (deterministic, same checks)
+            _worker_fast, _ = build_fast_bpe(load_raw_tokenizer(tokenizer_file))
+    _worker_tokenizer = _worker_fast.tokenizer if _worker_fast is not None else load_raw_tokenizer(tokenizer_file)
     _worker_dtype = np.dtype(dtype_name)
 
 
@@ -303,8 +312,10 @@ def _tokenize_chunk(documents: list[str]) -> tuple[np.ndarray, np.ndarray]:
         split = split_for_tokenization(document)
         pieces.extend(split)
         pieces_per_document.append(len(split))
-    encodings = _worker_tokenizer.encode_batch(pieces, add_special_tokens=False)
-    piece_ids = [encoding.ids for encoding in encodings]
+    if _worker_fast is not None:
+        piece_ids = _worker_fast.encode_batch(pieces)
+    else:
+        piece_ids = [encoding.ids for encoding in _worker_tokenizer.encode_batch(pieces, add_special_tokens=False)]
     piece_lengths = np.fromiter(map(len, piece_ids), dtype=np.int64, count=len(piece_ids))
     tokens = np.array(list(itertools.chain.from_iterable(piece_ids)), dtype=_worker_dtype)
     if len(pieces) == len(documents):
@@ -323,6 +334,32 @@ def _chunks(documents: Iterator[str], max_documents: int = 256, max_chars: int =
             chunk, chars = [], 0
     if chunk:
         yield chunk
+
+
+# The fast path's runtime guard: the first documents' ids (up to this many characters) are compared with HF's.
+_GUARD_CHARS = 100_000
+
+
+def _choose_fast_encoder(tokenizer, first_chunk: list[str] | None, enabled: bool
+                         ) -> tuple[FastByteLevelBPE | None, str]:
+    """(tiktoken fast encoder or None, a line saying which engine tokenizes and why)."""
+    if not enabled:
+        return None, "tokenizing with HF tokenizers (fast path disabled)"
+    fast, description = build_fast_bpe(tokenizer)
+    if fast is None:
+        return None, f"tokenizing with HF tokenizers: no exact tiktoken fast path because {description}"
+    sample, chars = [], 0
+    for document in first_chunk or []:
+        for piece in split_for_tokenization(document):
+            if chars >= _GUARD_CHARS:
+                break
+            sample.append(piece)
+            chars += len(piece)
+    mismatch = fast.first_mismatch(sample)
+    if mismatch is not None:
+        return None, ("tokenizing with HF tokenizers: the tiktoken fast path gave other ids than HF tokenizers on "
+                      f"{sample[mismatch][:60]!r}")
+    return fast, f"tokenizing with {description}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -353,6 +390,9 @@ class PreprocessConfig:
     """Tokenizer processes; 1 tokenizes in this process."""
     replace_invalid: bool = False
     """Replace invalid UTF-8 with U+FFFD (counted, warned) instead of failing."""
+    fast_tokenizer: bool = True
+    """Encode with tiktoken when it provably gives the same ids as HF tokenizers (``pipeline.fast_bpe``; about 5x
+    faster), else with HF tokenizers."""
     show_progress: bool = True
 
     def __post_init__(self):
@@ -400,16 +440,24 @@ def preprocess(config: PreprocessConfig) -> dict:
         lengths: list[np.ndarray] = []
         progress = tqdm(desc=f"tokenizing -> {prefix.name}", unit="doc", disable=not config.show_progress,
                         file=sys.stderr, mininterval=1.0)
+        chunks = _chunks(iter(reader))
+        first_chunk = next(chunks, None) if config.fast_tokenizer else None
+        if first_chunk is not None:
+            chunks = itertools.chain([first_chunk], chunks)
+        fast, engine_line = _choose_fast_encoder(tokenizer, first_chunk, config.fast_tokenizer)
+        print(f"preprocess: {engine_line}", file=sys.stderr)
+        if fast is not None:
+            _prepared_fast[str(tokenizer_file)] = fast
         with open(all_tokens_path, "wb") as all_tokens:
             if config.workers == 1:
-                _init_worker(str(tokenizer_file), dtype.name)
-                results = map(_tokenize_chunk, _chunks(iter(reader)))
+                _init_worker(str(tokenizer_file), dtype.name, fast is not None)
+                results = map(_tokenize_chunk, chunks)
                 pool = None
             else:
                 context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
                 pool = context.Pool(config.workers, initializer=_init_worker,
-                                    initargs=(str(tokenizer_file), dtype.name))
-                results = pool.imap(_tokenize_chunk, _chunks(iter(reader)), chunksize=1)
+                                    initargs=(str(tokenizer_file), dtype.name, fast is not None))
+                results = pool.imap(_tokenize_chunk, chunks, chunksize=1)
             try:
                 for tokens, chunk_lengths in results:
                     all_tokens.write(tokens.tobytes())
@@ -448,7 +496,7 @@ def preprocess(config: PreprocessConfig) -> dict:
         meta = {
             "format_version": META_FORMAT_VERSION,
             "tokenizer": {"file": str(tokenizer_file.resolve()), "sha256": tokenizer_fingerprint(tokenizer_file),
-                          "vocab_size": vocab_size},
+                          "vocab_size": vocab_size, "engine": "tiktoken" if fast is not None else "tokenizers"},
             "special_tokens": {"bos": special.bos, "pad": special.pad, "eos": special.eos, "unk": special.unk,
                                "mask": special.mask},
             "dtype": dtype.name,
@@ -478,6 +526,7 @@ def preprocess(config: PreprocessConfig) -> dict:
                     Path(split_prefix(prefix, split)).name + ".packed-L*.npy"):
                 stale.unlink(missing_ok=True)
     finally:
+        _prepared_fast.pop(str(tokenizer_file), None)
         all_tokens_path.unlink(missing_ok=True)
         for temporary in temporaries.values():
             temporary.unlink(missing_ok=True)
@@ -549,6 +598,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)))
     parser.add_argument("--replace-invalid", action="store_true",
                         help="replace invalid UTF-8 with U+FFFD (counted) instead of failing")
+    parser.add_argument("--no-fast-tokenizer", dest="fast_tokenizer", action="store_false",
+                        help="always encode with HF tokenizers (default: tiktoken where it gives the same ids)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -560,7 +611,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             inputs=args.input, tokenizer=args.tokenizer, output_prefix=args.output_prefix,
             input_format=args.input_format, text_key=args.text_key, one_doc_per_line=args.one_doc_per_line,
             valid_fraction=args.valid_fraction, seed=args.seed, workers=args.workers,
-            replace_invalid=args.replace_invalid, show_progress=not args.quiet)
+            replace_invalid=args.replace_invalid, fast_tokenizer=args.fast_tokenizer, show_progress=not args.quiet)
     except ValueError as error:
         raise DataError(str(error)) from None
     meta = preprocess(config)
