@@ -409,6 +409,28 @@ class PreprocessConfig:
             raise ValueError("text_key must not be empty")
 
 
+def add_documents(builder, flat: np.ndarray, offsets: np.ndarray, document_lengths: np.ndarray,
+                  documents: np.ndarray, max_block_tokens: int = 1 << 24) -> None:
+    """``builder.add_document(flat[offsets[d]:offsets[d + 1]], [document_lengths[d]])`` for each of ``documents``
+    (increasing), in bulk: one write per run of consecutive documents instead of a call per document, which cost
+    more than tokenizing with tiktoken for corpora of short documents. The same .bin/.idx bytes."""
+    if builder.multimodal:
+        raise ValueError("add_documents writes text-only datasets")
+    if documents.size == 0:
+        return
+    run_breaks = np.flatnonzero(np.diff(documents) != 1) + 1
+    run_firsts = documents[np.concatenate([[0], run_breaks])]
+    run_lasts = documents[np.concatenate([run_breaks - 1, [documents.size - 1]])]
+    for first, last in zip(run_firsts.tolist(), run_lasts.tolist()):
+        for start in range(int(offsets[first]), int(offsets[last + 1]), max_block_tokens):
+            end = min(start + max_block_tokens, int(offsets[last + 1]))
+            builder.data_file.write(np.ascontiguousarray(flat[start:end], dtype=builder.dtype).tobytes())
+    # Each document is one sequence: its length, and a document boundary after it.
+    count = len(builder.sequence_lengths)
+    builder.sequence_lengths.extend(document_lengths[documents].tolist())
+    builder.document_indices.extend(range(count + 1, count + documents.size + 1))
+
+
 def _valid_document_mask(n_documents: int, valid_fraction: float, seed: int) -> np.ndarray:
     n_valid = int(np.floor(valid_fraction * n_documents + 0.5))
     if valid_fraction > 0 and n_documents >= 2:
@@ -487,9 +509,7 @@ def preprocess(config: PreprocessConfig) -> dict:
             bin_final = Path(f"{split_prefix(prefix, split)}.bin")
             idx_final = Path(f"{split_prefix(prefix, split)}.idx")
             builder = IndexedDatasetBuilder(str(temporaries[bin_final]), dtype=dtype.type)
-            for document in np.flatnonzero(selected):
-                length = int(document_lengths[document])
-                builder.add_document(flat[offsets[document]:offsets[document + 1]], [length])
+            add_documents(builder, flat, offsets, document_lengths, np.flatnonzero(selected))
             builder.finalize(str(temporaries[idx_final]))
             counts[split] = {"documents": int(np.count_nonzero(selected)),
                              "tokens": int(document_lengths[selected].sum())}

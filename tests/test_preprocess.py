@@ -297,3 +297,29 @@ def test_rewriting_a_dataset_drops_its_stale_packing_indices(tmp_path, english_t
     assert not cached.exists()
     second = PackedSequences(f"{prefix}_train", 64, special, seed=1)
     np.testing.assert_array_equal(first.get(0, 0), second.get(0, 0))  # same text, same packing
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int32])
+def test_bulk_add_documents_writes_what_add_document_per_document_writes(tmp_path, dtype):
+    from pipeline.preprocess import add_documents, import_indexed_dataset_module
+
+    builder_class = import_indexed_dataset_module().IndexedDatasetBuilder
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 40, size=500)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    flat = rng.integers(0, 30000, size=int(offsets[-1])).astype(dtype)
+    documents = np.flatnonzero(rng.random(500) < 0.7)  # runs of consecutive documents and gaps
+    written = {}
+    for name in ("one_by_one", "bulk"):
+        builder = builder_class(str(tmp_path / f"{name}.bin"), dtype=dtype)
+        if name == "bulk":
+            add_documents(builder, flat, offsets, lengths, documents, max_block_tokens=7)  # blocks cut runs too
+        else:
+            for document in documents:
+                builder.add_document(flat[offsets[document]:offsets[document + 1]], [int(lengths[document])])
+        builder.finalize(str(tmp_path / f"{name}.idx"))
+        written[name] = ((tmp_path / f"{name}.bin").read_bytes(), (tmp_path / f"{name}.idx").read_bytes())
+    assert written["bulk"] == written["one_by_one"]
+    dataset = IndexedDataset(str(tmp_path / "bulk"))
+    assert len(dataset) == documents.size and np.array_equal(dataset[3], flat[offsets[documents[3]]:
+                                                                               offsets[documents[3] + 1]])
