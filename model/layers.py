@@ -13,6 +13,8 @@ and ``sequence_parallel`` stays off (it needs a GPU and the ``[seq, batch]`` lay
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from megatron.core import ModelParallelConfig, parallel_state
@@ -22,6 +24,43 @@ from megatron.core.tensor_parallel import (ColumnParallelLinear, RowParallelLine
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
 from model.config import ModelConfig
+
+
+# How the tensor-parallel layers run their forward:
+#   "auto"     -- at TP=1 plain torch on the megatron-core layers' own parameters: ``F.linear`` for the linear
+#                 layers, ``F.cross_entropy`` for the vocabulary loss (the same math megatron computes, but
+#                 visible to torch.compile, which cannot fuse through megatron's custom autograd functions);
+#                 at TP>1 megatron-core's forward (its async dgrad all-reduce, vocab-parallel cross-entropy).
+#   "megatron" -- megatron-core's forward at every TP size (the reference; ``bench.throughput`` compares them).
+LINEAR_FORWARD = "auto"
+
+
+class ColumnLinear(ColumnParallelLinear):
+    """megatron-core ``ColumnParallelLinear`` (parameters, initialisation, TP attributes, no output gather) that
+    returns the output tensor alone. Called as a module, so DeepSpeed's ZeRO-3 hooks gather its weight."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tp_size = parallel_state.get_tensor_model_parallel_world_size()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if LINEAR_FORWARD == "megatron" or self.tp_size > 1:
+            return super().forward(x)[0]
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowLinear(RowParallelLinear):
+    """megatron-core ``RowParallelLinear`` (input split, one all-reduce, bias added after it) returning the
+    output tensor alone; functional at TP=1 like ``ColumnLinear``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tp_size = parallel_state.get_tensor_model_parallel_world_size()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if LINEAR_FORWARD == "megatron" or self.tp_size > 1:
+            return super().forward(x)[0]
+        return F.linear(x, self.weight, self.bias)
 
 
 def megatron_config(config: ModelConfig) -> ModelParallelConfig:
@@ -63,21 +102,21 @@ class Attention(torch.nn.Module):
     def __init__(self, hidden: int, heads: int, dropout: float, init_std: float, mp: ModelParallelConfig,
                  cross: bool = False):
         super().__init__()
-        tp = parallel_state.get_tensor_model_parallel_world_size()
-        self.heads_per_rank = heads // tp
+        self.tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        self.heads_per_rank = heads // self.tp_size
         self.head_dim = hidden // heads
         self.dropout = dropout
         self.cross = cross
         init = normal_init(init_std)
         if cross:
-            self.query = ColumnParallelLinear(hidden, hidden, config=mp, init_method=init, bias=True,
+            self.query = ColumnLinear(hidden, hidden, config=mp, init_method=init, bias=True,
                                               gather_output=False)
-            self.key_value = ColumnParallelLinear(hidden, 2 * hidden, config=mp, init_method=init, bias=True,
+            self.key_value = ColumnLinear(hidden, 2 * hidden, config=mp, init_method=init, bias=True,
                                                   gather_output=False, stride=2)
         else:
-            self.qkv = ColumnParallelLinear(hidden, 3 * hidden, config=mp, init_method=init, bias=True,
+            self.qkv = ColumnLinear(hidden, 3 * hidden, config=mp, init_method=init, bias=True,
                                             gather_output=False, stride=3)
-        self.out = RowParallelLinear(hidden, hidden, config=mp, init_method=init, bias=True,
+        self.out = RowLinear(hidden, hidden, config=mp, init_method=init, bias=True,
                                      input_is_parallel=True, skip_bias_add=False)
 
     def _split_heads(self, x: torch.Tensor, parts: int) -> list[torch.Tensor]:
@@ -90,17 +129,20 @@ class Attention(torch.nn.Module):
         """x ``[B, Lq, d]``; key_mask ``[B, 1, 1, Lk]`` (see ``key_padding_mask``); memory ``[B, Lk, d]`` for
         cross-attention."""
         if self.cross:
-            (q,) = self._split_heads(self.query(x)[0], 1)
-            k, v = self._split_heads(self.key_value(memory)[0], 2)
+            (q,) = self._split_heads(self.query(x), 1)
+            k, v = self._split_heads(self.key_value(memory), 2)
         else:
-            q, k, v = self._split_heads(self.qkv(x)[0], 3)
+            q, k, v = self._split_heads(self.qkv(x), 3)
         dropout = self.dropout if self.training else 0.0
-        # Each rank owns different heads: their dropout masks come from the per-TP-rank stream.
-        with get_cuda_rng_tracker().fork():
+        # Each TP rank owns different heads: their dropout masks come from the per-TP-rank stream. With one
+        # rank there is nothing to tell apart, and the default generator keeps the layer free of RNG-state
+        # swaps (which torch.compile cannot trace).
+        rng = get_cuda_rng_tracker().fork() if self.tp_size > 1 and dropout > 0 else contextlib.nullcontext()
+        with rng:
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout)
         b, _, length, _ = context.shape
         context = context.transpose(1, 2).reshape(b, length, self.heads_per_rank * self.head_dim)
-        return self.out(context)[0]
+        return self.out(context)
 
 
 class MLP(torch.nn.Module):
@@ -109,13 +151,13 @@ class MLP(torch.nn.Module):
     def __init__(self, hidden: int, ffn: int, activation: str, init_std: float, mp: ModelParallelConfig):
         super().__init__()
         init = normal_init(init_std)
-        self.fc_in = ColumnParallelLinear(hidden, ffn, config=mp, init_method=init, bias=True, gather_output=False)
-        self.fc_out = RowParallelLinear(ffn, hidden, config=mp, init_method=init, bias=True, input_is_parallel=True,
+        self.fc_in = ColumnLinear(hidden, ffn, config=mp, init_method=init, bias=True, gather_output=False)
+        self.fc_out = RowLinear(ffn, hidden, config=mp, init_method=init, bias=True, input_is_parallel=True,
                                         skip_bias_add=False)
         self.act = activation_fn(activation)
 
     def forward(self, x):
-        return self.fc_out(self.act(self.fc_in(x)[0]))[0]
+        return self.fc_out(self.act(self.fc_in(x)))
 
 
 class TransformerLayer(torch.nn.Module):
@@ -198,7 +240,7 @@ class OutputLayer(torch.nn.Module):
 
     def __init__(self, config: ModelConfig, mp: ModelParallelConfig):
         super().__init__()
-        tp = parallel_state.get_tensor_model_parallel_world_size()
+        self.tp_size = tp = parallel_state.get_tensor_model_parallel_world_size()
         rank = parallel_state.get_tensor_model_parallel_rank()
         rows = config.padded_vocab_size // tp
         self.vocab_start = rank * rows
@@ -223,11 +265,17 @@ class OutputLayer(torch.nn.Module):
         """hidden ``[B, N, d_en]`` (replicated), targets ``[B, N]`` (valid ids) -> per-token loss ``[B, N]`` fp32,
         the same on every TP rank."""
         weight = embedding_weight if self.weight is None else self.weight
-        # Identity forward; all-reduce of the input gradient across TP ranks in backward.
-        hidden = copy_to_tensor_model_parallel_region(hidden)
+        single_rank = self.tp_size == 1 and LINEAR_FORWARD == "auto"
+        if not single_rank:
+            # Identity forward; all-reduce of the input gradient across TP ranks in backward.
+            hidden = copy_to_tensor_model_parallel_region(hidden)
         logits = F.linear(hidden, weight, self.bias)
         if self.padded_rows is not None:
             logits = logits.masked_fill(self.padded_rows, float("-inf"))
+        if single_rank:
+            # The whole vocabulary is here: torch's fused log-softmax + NLL keeps one [N, V] fp32 buffer where
+            # megatron's vocab-parallel version keeps several (this head was ~4x its FLOPs' share of a step).
+            return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
         return vocab_parallel_cross_entropy(logits.float(), targets)
 
 
@@ -236,3 +284,18 @@ class WordEmbedding(VocabParallelEmbedding):
 
     def __init__(self, config: ModelConfig, mp: ModelParallelConfig, width: int):
         super().__init__(config.padded_vocab_size, width, init_method=normal_init(config.init_std), config=mp)
+
+
+def compile_layers(model: torch.nn.Module) -> int:
+    """``torch.compile`` in place (regional compilation) every ``TransformerLayer`` and ``HeadTransform`` of
+    ``model`` and, at TP=1, its ``OutputLayer`` (at TP>1 that one runs megatron's collectives); returns how many
+    modules. The layers of a stack share their code, so the encoder costs one compilation and the decoder one
+    more (its width differs), not one per layer. Parameters, their names and ``state_dict`` are unchanged, so
+    checkpoints do not depend on it. Shapes are static (``dynamic=False``): every training micro batch has one
+    shape (``pipeline.masking``); evaluation batches of another size compile once more."""
+    kinds = (TransformerLayer, HeadTransform)
+    modules = [m for m in model.modules()
+               if isinstance(m, kinds) or (isinstance(m, OutputLayer) and m.tp_size == 1)]
+    for module in modules:
+        module.compile(dynamic=False)
+    return len(modules)
