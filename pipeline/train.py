@@ -130,6 +130,9 @@ class RuntimeConfig:
     peak_tflops: float | None = None
     progress_bar: bool = True
     deepspeed_config: str = DEFAULT_DS_CONFIG
+    compile: bool = False
+    """``torch.compile`` the Transformer layers and prediction layers (``model.layers.compile_layers``); an implementation
+    setting that leaves the parameters and checkpoints unchanged, so it may differ between a run and its resume."""
 
 
 def lr_multiplier(step_index: int, warmup_steps: int, total_steps: int) -> float:
@@ -194,6 +197,9 @@ def build_deepspeed_config(path: Path, training: TrainingConfig, data_parallel_s
         raise ConfigError(f"{path}: optimizer type must be AdamW (got {optimizer.get('type')!r})")
     if ds.get("fp16", {}).get("enabled") and ds.get("bf16", {}).get("enabled"):
         raise ConfigError(f"{path}: fp16 and bf16 are both enabled")
+    if ds.get("torch_autocast", {}).get("enabled") and (ds.get("fp16", {}).get("enabled")
+                                                        or ds.get("bf16", {}).get("enabled")):
+        raise ConfigError(f"{path}: torch_autocast keeps fp32 parameters; disable its fp16/bf16 section")
     if ds.get("fp16", {}).get("enabled") and not fp16_supported:
         raise ConfigError(f"{path}: fp16 is not supported by the {accelerator_name} accelerator; use a bf16 or "
                           "fp32 config")
@@ -215,6 +221,10 @@ def build_deepspeed_config(path: Path, training: TrainingConfig, data_parallel_s
 
 
 def precision_of(ds_config: dict) -> str:
+    autocast = ds_config.get("torch_autocast", {})
+    if autocast.get("enabled"):
+        dtype = str(autocast.get("dtype", "bfloat16")).replace("torch.", "")
+        return {"bfloat16": "bf16", "float16": "fp16"}.get(dtype, dtype) + "-autocast"
     if ds_config.get("fp16", {}).get("enabled"):
         return "fp16"
     if ds_config.get("bf16", {}).get("enabled"):
@@ -327,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--local_rank", "--local-rank", type=int, default=None,
                    help="set by the deepspeed launcher; LOCAL_RANK from the environment is used")
     g.add_argument("--deepspeed", action="store_true", help="accepted for launcher compatibility; always on")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the Transformer and prediction layers (GPU: ~1 min to compile, then "
+                        "~20%% faster steps; README, Performance)")
     g = parser.add_argument_group("checkpoints and logging")
     g.add_argument("--save", help="run directory: checkpoints/, metrics.jsonl, tensorboard/, config.json")
     g.add_argument("--load", help="resume from a run directory, its checkpoints/ directory or one checkpoint tag "
@@ -434,7 +447,7 @@ def resolve_config(args: argparse.Namespace, world_size: int, dataset_meta: dict
         save_interval=args.save_interval, keep_last=args.keep_last, log_interval=args.log_interval,
         eval_interval=args.eval_interval, eval_iters=args.eval_iters, stop_at_step=args.stop_at_step,
         num_workers=args.num_workers, peak_tflops=args.peak_tflops, progress_bar=not args.no_progress_bar,
-        deepspeed_config=str(ds_path))
+        deepspeed_config=str(ds_path), compile=args.compile)
     for name in ("save_interval", "log_interval", "eval_iters"):
         if getattr(runtime, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
@@ -544,6 +557,9 @@ class Trainer:
             return torch.optim.lr_scheduler.LambdaLR(
                 optimizer, lambda i: lr_multiplier(i, training.warmup_steps, training.train_steps))
 
+        if cfg.runtime.compile:
+            from model.layers import compile_layers
+            self._log(f"torch.compile: {compile_layers(model)} modules (compiled on first use)")
         self.engine, self.optimizer, _, self.lr_scheduler = deepspeed.initialize(
             model=model, model_parameters=param_groups, config=cfg.deepspeed, lr_scheduler=make_scheduler,
             mpu=MegatronMpuForDeepSpeed(), dist_init_required=False)
