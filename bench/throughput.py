@@ -64,6 +64,8 @@ class Row:
     measured_speedup: float | None = None
     predicted_speedup: float | None = None
     final_loss: float | None = None
+    compiled: bool = False
+    linear_forward: str = "auto"
 
 
 def measure_matmul_peak(device: torch.device, dtype: torch.dtype, size: int, repeats: int) -> float:
@@ -128,6 +130,7 @@ def run_one(preset: str, arch: str, rate: float, precision: str, seq_len: int, b
     from deepspeed.accelerator import get_accelerator
 
     from model import build_model
+    from model.layers import compile_layers
     from model.parallel import MegatronMpuForDeepSpeed
     from pipeline.flops import training_flops
     from pipeline.train import TrainingConfig, build_deepspeed_config
@@ -138,7 +141,7 @@ def run_one(preset: str, arch: str, rate: float, precision: str, seq_len: int, b
     config = ModelConfig.preset(preset, arch, **overrides)
     if args.no_dropout:
         config = ModelConfig.from_dict({**config.to_dict(), "hidden_dropout": 0.0, "attention_dropout": 0.0})
-    masking = MaskingConfig(rate=rate, strategy=args.strategy, seed=args.seed)
+    masking = MaskingConfig(rate=rate, strategy=args.strategy, seed=args.seed, pad_multiple=args.pad_multiple)
     masker = Masker(masking, SPECIAL, config.vocab_size)
     collator = MaskingCollator(masking, SPECIAL.pad)
     dataset = SyntheticPackedDataset(masker, seq_len, config.vocab_size,
@@ -151,6 +154,8 @@ def run_one(preset: str, arch: str, rate: float, precision: str, seq_len: int, b
     ds_config = build_deepspeed_config(ds_path, training, 1, accelerator.device_name(),
                                        accelerator.is_fp16_supported(), accelerator.is_bf16_supported())
     model = build_model(config, init_seed=args.seed)
+    if args.compile:
+        compile_layers(model)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()],
                                       config=ds_config, mpu=MegatronMpuForDeepSpeed(), dist_init_required=False)
 
@@ -168,6 +173,9 @@ def run_one(preset: str, arch: str, rate: float, precision: str, seq_len: int, b
             times.append(time.perf_counter() - start)
         loss = output.loss
     final_loss = float(loss.detach().float().cpu())
+    if args.profile:
+        profile_steps(engine, batches[-3:], device, Path(args.profile),
+                      f"{preset} {arch} rate {rate} {precision}{' compiled' if args.compile else ''}")
 
     loader_ms = time_loader(dataset, collator, batch, args.loader_workers, args.loader_batches)
     seconds = statistics.median(times)
@@ -176,12 +184,31 @@ def run_one(preset: str, arch: str, rate: float, precision: str, seq_len: int, b
     tflops = flops / seconds / 1e12
     row = Row(preset, arch, rate, precision, batch, seq_len, masking.shapes(seq_len).encoder_len
               if arch != "mlm" else seq_len, 1000.0 * seconds, batch / seconds, tflops, tflops / peak_tflops,
-              loader_ms, final_loss=final_loss)
+              loader_ms, final_loss=final_loss, compiled=args.compile, linear_forward=args.linear_forward)
     del engine, model, batches, output
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
+
+
+def profile_steps(engine, batches, device: torch.device, path: Path, title: str) -> None:
+    """Appends to ``path`` the operators that take the most device time over ``batches`` (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for micro in batches:
+            output = engine(micro)
+            engine.backward(output.loss)
+            engine.step()
+        _sync(device)
+    averages = prof.key_averages()
+    tables = [averages.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60)]
+    if device.type == "cuda":  # the host-side view above, the device-side view here
+        tables.append(averages.table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+    with open(path, "a") as handle:
+        handle.write(f"## {title}: {len(batches)} steps\n" + "\n".join(tables) + "\n")
 
 
 def add_speedups(rows: list[Row], args) -> None:
@@ -207,7 +234,9 @@ def format_table(rows: list[Row], peak: dict[str, float]) -> str:
     lines = [header, "|" + "---|" * 12]
     for r in rows:
         speed = lambda v: "-" if v is None else f"{v:.2f}x"
-        lines.append(f"| {r.preset} | {r.architecture} | {r.masking_rate:.2f} | {r.precision} "
+        how = r.precision + (" compiled" if r.compiled else "") + (" megatron-fwd" if r.linear_forward == "megatron"
+                                                                  else "")
+        lines.append(f"| {r.preset} | {r.architecture} | {r.masking_rate:.2f} | {how} "
                      f"| {r.batch} x {r.seq_len} ({r.encoder_len}) | {r.ms_per_step:.1f} | {r.samples_per_s:.1f} "
                      f"| {r.tflops:.2f} | {100 * r.mfu:.1f}% | {r.loader_ms_per_batch:.1f} "
                      f"| {speed(r.measured_speedup)} | {speed(r.predicted_speedup)} |")
@@ -235,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=None, help="micro batch = global batch (one device)")
     parser.add_argument("--vocab-size", type=int, default=50265, help="RoBERTa's |V| (paper)")
     parser.add_argument("--strategy", default="80-10-10")
+    parser.add_argument("--pad-multiple", type=int, default=MaskingConfig.pad_multiple,
+                        help="3ML encoder length padded up to a multiple of this (pipeline.masking)")
     parser.add_argument("--zero", default="zero2", help="ds_configs/{zero}_{precision}.json")
     parser.add_argument("--ds-config-dir", default=str(Path(__file__).resolve().parent.parent / "ds_configs"))
     parser.add_argument("--steps", type=int, default=20 if on_gpu else 3)
@@ -244,6 +275,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--no-dropout", action="store_true", help="dropout off (isolates the layer cost)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the Transformer and prediction layers (as "
+                        "run_pretrain.py --compile); the compilation happens in the warm-up steps")
+    parser.add_argument("--linear-forward", choices=("auto", "megatron"), default="auto",
+                        help="model.layers.LINEAR_FORWARD: auto = F.linear at TP=1, megatron = megatron-core's "
+                             "forward (its custom autograd function)")
+    parser.add_argument("--profile", help="append a torch.profiler table of 3 more steps per row to this file")
     parser.add_argument("--fwd-bwd-factor", type=float, default=MFU_FWD_BWD_FACTOR)
     parser.add_argument("--peak-size", type=int, default=8192 if on_gpu else 512)
     parser.add_argument("--json", help="write the rows and environment here")
@@ -258,12 +295,21 @@ def main(argv: list[str] | None = None) -> int:
     initialize_model_parallel(1, args.seed)
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
 
+    import model.layers
+
+    model.layers.LINEAR_FORWARD = args.linear_forward
     precisions = args.precisions.split(",")
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+              "bf16_autocast": torch.bfloat16}
     for p in precisions:
         if p not in dtypes:
-            raise SystemExit(f"error: --precisions item {p!r}: expected fp32, bf16 or fp16")
-    peak = {p: measure_matmul_peak(device, dtypes[p], args.peak_size, 50 if on_gpu else 5) for p in precisions}
+            raise SystemExit(f"error: --precisions item {p!r}: expected one of {', '.join(dtypes)} "
+                             f"(ds_configs/{args.zero}_PRECISION.json)")
+    by_dtype = {dtypes[p]: None for p in precisions}  # bf16 and bf16_autocast share one measurement
+    for dtype in by_dtype:
+        by_dtype[dtype] = measure_matmul_peak(device, dtype, args.peak_size, 50 if on_gpu else 5)
+    peak = {p: by_dtype[dtypes[p]] for p in precisions}
+    peak_of = peak.__getitem__
 
     rows: list[Row] = []
     for preset in args.presets.split(","):
@@ -271,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         seq_len, batch = args.seq_len or seq_len, args.batch or batch
         for precision in precisions:
             for arch, rate in parse_runs(args.runs):
-                rows.append(run_one(preset, arch, rate, precision, seq_len, batch, args, device, peak[precision]))
+                rows.append(run_one(preset, arch, rate, precision, seq_len, batch, args, device, peak_of(precision)))
                 print(f"{preset} {arch} r={rate} {precision}: {rows[-1].ms_per_step:.1f} ms/step", flush=True)
     add_speedups(rows, args)
 

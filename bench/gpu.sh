@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# One GPU session of measurements in one command: install the wheelhouse, print versions, run bench.throughput
+# configurations (each its own process, JSON + log under $OUT), and print their tables last.
+#
+#   ../shared/device/make-wheelhouse.sh          # here, once: builds .whl/ (deepspeed, megatron-core, ...)
+#   bash bench/gpu.sh levers                     # on the GPU machine, .whl carried: large preset, what each lever buys
+#   bash bench/gpu.sh large | base               # on the GPU machine: the README table, one preset a call
+#
+# Results: $OUT/results.tar.gz (every configuration's JSON and log, profiler tables) and the tables printed last.
+#
+# A machine with CUDA torch, transformers and tokenizers already installed is assumed (see README, GPU install);
+# BUDGET_S (default 560) stops starting new configurations when the time is nearly spent.
+set -uo pipefail
+mode=${1:-large}
+final=${OUT:-bench_out}
+out=$(mktemp -d)
+mkdir -p "$final"
+budget=${BUDGET_S:-560}
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "wheel install failed"; exit 1; }
+  export PYTHONPATH=$PWD:/tmp/site
+else
+  export PYTHONPATH=$PWD
+fi
+# DeepSpeed's op builder cannot parse "9.0a" (FusedAdam JIT fails); the extension cache is shared by the runs.
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST_OVERRIDE:-9.0} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/torch_extensions}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/device.txt"
+python3 -c "import sys, torch, deepspeed, megatron.core as m; print('python', sys.version.split()[0], 'torch',
+torch.__version__, 'cuda', torch.version.cuda, 'deepspeed', deepspeed.__version__, 'megatron-core', m.__version__)" \
+  | tee -a "$out/device.txt"
+
+names=()
+bench() {  # bench NAME SECONDS ARGS...: one bench.throughput process, skipped when the budget is spent
+  local name=$1 limit=$2; shift 2
+  local left=$((budget - SECONDS))
+  if ((left < 45)); then echo "$name: skipped (budget)"; return; fi
+  ((limit > left)) && limit=$left
+  echo "== $name (limit ${limit}s): $*"
+  timeout "$limit" python3 -m bench.throughput --json "$out/$name.json" "$@" > "$out/$name.log" 2>&1
+  echo "$name: rc=$? after ${SECONDS}s"
+  names+=("$name")
+}
+
+two=mlm:0.15,3ml-self:0.5
+case $mode in
+  levers)
+    bench large_bf16autocast_compiled 240 --presets large --precisions bf16_autocast --compile
+    bench large_bf16_compiled 110 --presets large --precisions bf16 --compile --runs $two
+    bench large_bf16_eager 60 --presets large --precisions bf16 --runs $two
+    bench large_bf16_eager_megatronfwd 60 --presets large --precisions bf16 --runs $two --linear-forward megatron
+    bench large_fp16_compiled 110 --presets large --precisions fp16 --compile --runs $two
+    ;;
+  large|base)
+    bench ${mode}_bf16autocast_compiled 230 --presets $mode --precisions bf16_autocast --compile \
+      --profile "$out/${mode}_profile.txt"
+    bench ${mode}_fp16_compiled 230 --presets $mode --precisions fp16 --compile
+    bench ${mode}_bf16autocast_eager 90 --presets $mode --precisions bf16_autocast --runs $two
+    ;;
+  base2)  # base, then whether a bigger micro batch hides the per-step host time (large, batch 512)
+    bench base_bf16autocast_compiled 230 --presets base --precisions bf16_autocast --compile
+    bench base_fp16_compiled 120 --presets base --precisions fp16 --compile --runs $two
+    bench large_b512_bf16autocast_compiled 150 --presets large --batch 512 --precisions bf16_autocast --compile \
+      --runs $two
+    ;;
+  pad)  # base 3MLself: encoder length padded to a multiple of 8 (312) or 64 (320), profiled
+    bench base_pad8 150 --presets base --precisions bf16_autocast --compile --runs $two --profile "$out/base_pad8_profile.txt"
+    bench base_pad64 150 --presets base --precisions bf16_autocast --compile --runs $two --pad-multiple 64 \
+      --profile "$out/base_pad64_profile.txt"
+    ;;
+  host)  # where the host time of a base step goes (profiler tables sorted by self CPU time)
+    bench base_host 120 --presets base --precisions bf16_autocast --compile --runs $two --steps 10 \
+      --profile "$out/base_host_profile.txt"
+    ;;
+  *) echo "usage: bash bench/gpu.sh levers|large|base|base2|pad|host"; exit 2 ;;
+esac
+
+tar -czf "$final/results.tar.gz" -C "$out" .
+for name in "${names[@]}"; do
+  echo "## $name"
+  grep -E '^\||^matmul peak|Error|error:' "$out/$name.log" | tail -n 12
+done
