@@ -66,6 +66,20 @@ def test_deepspeed_config_setting_a_hyper_parameter_is_refused(tmp_path):
     assert ds["optimizer"]["params"]["torch_adam"] is True  # fused Adam is GPU-only
 
 
+def test_precision_labels_and_autocast_config(tmp_path):
+    from pipeline.train import precision_of
+
+    labels = {name: precision_of(build_deepspeed_config(DS_CONFIG_DIR / name, TrainingConfig(), 1, "cuda", True,
+                                                        True))
+              for name in ("zero2_fp32.json", "zero2_bf16.json", "zero2_fp16.json", "zero2_bf16_autocast.json")}
+    assert labels == {"zero2_fp32.json": "fp32", "zero2_bf16.json": "bf16", "zero2_fp16.json": "fp16",
+                      "zero2_bf16_autocast.json": "bf16-autocast"}
+    both = tmp_path / "both.json"
+    both.write_text(json.dumps({"torch_autocast": {"enabled": True, "dtype": "bfloat16"}, "bf16": {"enabled": True}}))
+    with pytest.raises(ConfigError, match="torch_autocast keeps fp32 parameters"):
+        build_deepspeed_config(both, TrainingConfig(), 1, "cuda", True, True)
+
+
 def test_help_documents_every_argument():
     out = subprocess.run([sys.executable, str(REPO / "run_pretrain.py"), "--help"], capture_output=True,
                          text=True, cwd=REPO, timeout=120).stdout
