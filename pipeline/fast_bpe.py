@@ -170,4 +170,6 @@ def build_fast_bpe(tokenizer) -> tuple[FastByteLevelBPE | None, str]:
     added = tuple(sorted({token["content"] for token in config.get("added_tokens") or [] if token["content"]}))
     description = f"tiktoken {tiktoken.__version__} exact byte-level BPE ({len(ordered)} merges"
     description += f", {excluded} unreachable tokens left out)" if excluded else ")"
+    if not hasattr(getattr(encoding, "_core_bpe", None), "encode_ordinary"):  # not the pinned tiktoken's layout
+        return None, f"tiktoken {tiktoken.__version__} lacks the Rust encode_ordinary this path calls"
     return FastByteLevelBPE(tokenizer, encoding, rank_to_id, added, excluded), description
