@@ -73,6 +73,19 @@ def test_bf16_learns(tmp_path, tiny_dataset_prefix, tiny_tokenizer, stage, tp):
     assert json.loads((run_dir / "config.json").read_text())["parallel"]["precision"] == "bf16"
 
 
+@pytest.mark.timeout(900)
+def test_bf16_autocast_with_compiled_layers_learns(tmp_path, tiny_dataset_prefix, tiny_tokenizer):
+    """The fastest H100 setting (README, Performance): DeepSpeed's torch_autocast mode + --compile, ZeRO-2."""
+    run_dir = tmp_path / "run"
+    started = run(layout_args(tiny_dataset_prefix, tiny_tokenizer, run_dir, 2, 1, "bf16_autocast", compile=True),
+                  tmp_path / "logs")
+    # tiny 3MLself: 2 encoder layers + 1 decoder layer, the decoder's head transform, the output layer.
+    assert "torch.compile: 5 modules" in started.output()
+    assert_learns(run_dir, drop=0.3)
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["parallel"]["precision"] == "bf16-autocast" and config["runtime"]["compile"] is True
+
+
 def test_fp16_when_supported(tmp_path, tiny_dataset_prefix, tiny_tokenizer):
     from deepspeed.accelerator import get_accelerator
 
