@@ -73,7 +73,24 @@ case $mode in
     bench base_host 120 --presets base --precisions bf16_autocast --compile --runs $two --steps 10 \
       --profile "$out/base_host_profile.txt"
     ;;
-  *) echo "usage: bash bench/gpu.sh levers|large|base|base2|pad|host"; exit 2 ;;
+  zero)  # host time per step against the ZeRO stage (not run yet): ZeRO-0, ZeRO-1 without contiguous gradient
+         # buffers (no per-parameter gradient hooks) and ZeRO-2, bf16 autocast, compiled, base then large
+    python3 - "$out/ds" <<'PY'
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1]); out.mkdir()
+base = json.loads(pathlib.Path("ds_configs/zero2_bf16_autocast.json").read_text())
+for name, zero in {"zero0": {"stage": 0}, "zero1": {**base["zero_optimization"], "stage": 1, "contiguous_gradients": False},
+                   "zero2": base["zero_optimization"]}.items():
+    (out / f"{name}_bf16_autocast.json").write_text(json.dumps({**base, "zero_optimization": zero}))
+PY
+    for preset in base large; do
+      for zero in zero0 zero1 zero2; do
+        bench ${preset}_${zero} 110 --presets $preset --precisions bf16_autocast --compile --runs $two \
+          --ds-config-dir "$out/ds" --zero $zero
+      done
+    done
+    ;;
+  *) echo "usage: bash bench/gpu.sh levers|large|base|base2|pad|host|zero"; exit 2 ;;
 esac
 
 tar -czf "$final/results.tar.gz" -C "$out" .
