@@ -35,9 +35,10 @@ from model.config import ModelConfig
 LINEAR_FORWARD = "auto"
 
 
-class ColumnLinear(ColumnParallelLinear):
-    """megatron-core ``ColumnParallelLinear`` (parameters, initialisation, TP attributes, no output gather) that
-    returns the output tensor alone. Called as a module, so DeepSpeed's ZeRO-3 hooks gather its weight."""
+class _PlainTorchAtTP1:
+    """Mixin for a megatron-core linear layer: its forward returns the output tensor alone, computed as
+    ``F.linear`` on the layer's own weight and bias at TP=1 and by megatron-core's forward otherwise. The layer
+    is still called as a module, so DeepSpeed's ZeRO-3 hooks gather its weight."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -49,18 +50,12 @@ class ColumnLinear(ColumnParallelLinear):
         return F.linear(x, self.weight, self.bias)
 
 
-class RowLinear(RowParallelLinear):
-    """megatron-core ``RowParallelLinear`` (input split, one all-reduce, bias added after it) returning the
-    output tensor alone; functional at TP=1 like ``ColumnLinear``."""
+class ColumnLinear(_PlainTorchAtTP1, ColumnParallelLinear):
+    """megatron-core ``ColumnParallelLinear`` (output features split, no gather)."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.tp_size = parallel_state.get_tensor_model_parallel_world_size()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if LINEAR_FORWARD == "megatron" or self.tp_size > 1:
-            return super().forward(x)[0]
-        return F.linear(x, self.weight, self.bias)
+class RowLinear(_PlainTorchAtTP1, RowParallelLinear):
+    """megatron-core ``RowParallelLinear`` (input features split, one all-reduce, bias added after it)."""
 
 
 def megatron_config(config: ModelConfig) -> ModelParallelConfig:
