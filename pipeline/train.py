@@ -441,6 +441,12 @@ def resolve_config(args: argparse.Namespace, world_size: int, dataset_meta: dict
     ds_name = args.deepspeed_config or recipe.get("deepspeed_config") or DEFAULT_DS_CONFIG
     ds_path = resolve_deepspeed_config_path(ds_name)
     ds_config = build_deepspeed_config(ds_path, training, dp, accelerator_name, fp16_supported, bf16_supported)
+    if ds_config.get("torch_autocast", {}).get("enabled") and tp > 1 and accelerator_name != "cuda":
+        # megatron-core's TP autograd functions re-enter autocast in backward for device "cuda" only; elsewhere
+        # the backward matmul would mix bf16 gradients with fp32 weights.
+        raise ConfigError(f"{ds_path}: torch_autocast with --tensor-parallel-size {tp} needs a CUDA device "
+                          f"(megatron-core's tensor-parallel layers restore autocast in backward only there); on "
+                          f"{accelerator_name} use a *_bf16.json config")
 
     runtime = RuntimeConfig(
         data_prefix=str(args.data_prefix), tokenizer=args.tokenizer, save=args.save, load=args.load,

@@ -150,6 +150,12 @@ def test_recipe_resolves_to_table_4_and_explicit_options_win():
     assert config.training.lr == 1e-3 and config.training.seq_len == 128 and config.training.global_batch_size == 4096
     assert config.model.pre_ln is True and config.model.num_layers == 24 and config.model.hidden_dropout == 0.0
     assert config.masking.rate == 0.5 and config.data_parallel_size == 8 and config.gradient_accumulation_steps == 8
+    autocast_tp2 = build_parser().parse_args(["--data-prefix", "d", "--recipe", "large", "--micro-batch-size", "64",
+                                              "--tensor-parallel-size", "2",
+                                              "--deepspeed_config", "zero2_bf16_autocast.json"])
+    assert resolve_config(autocast_tp2, 16, meta, "cuda", True, True).tensor_parallel_size == 2
+    with pytest.raises(ConfigError, match="torch_autocast with --tensor-parallel-size 2 needs a CUDA device"):
+        resolve_config(autocast_tp2, 16, meta, "cpu", False, True)
     with pytest.raises(ConfigError, match=r"unknown ModelConfig field\(s\) \['hidden'\]; known: .*hidden_size"):
         resolve_config(build_parser().parse_args(["--data-prefix", "d", "--model-set", "hidden=3"]), 1, meta,
                        "cpu", False, True)
