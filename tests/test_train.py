@@ -86,6 +86,18 @@ def test_bf16_autocast_with_compiled_layers_learns(tmp_path, tiny_dataset_prefix
     assert config["parallel"]["precision"] == "bf16-autocast" and config["runtime"]["compile"] is True
 
 
+@pytest.mark.timeout(900)
+def test_compiled_layers_at_tp2_learn(tmp_path, tiny_dataset_prefix, tiny_tokenizer):
+    """--compile at TP=2: the Transformer layers compile through megatron-core's forward (its autograd functions
+    and all-reduces), the vocabulary loss stays megatron's vocab-parallel one (not compiled)."""
+    run_dir = tmp_path / "run"
+    started = run(layout_args(tiny_dataset_prefix, tiny_tokenizer, run_dir, 2, 2, architecture="3ml-cross",
+                              compile=True), tmp_path / "logs")
+    # tiny 3MLcross: 2 encoder layers + 1 decoder layer, two head transforms; the TP=2 output layer is not compiled.
+    assert "torch.compile: 5 modules" in started.output()
+    assert_learns(run_dir, drop=0.3)
+
+
 def test_fp16_when_supported(tmp_path, tiny_dataset_prefix, tiny_tokenizer):
     from deepspeed.accelerator import get_accelerator
 
