@@ -68,6 +68,24 @@ def test_dp2_checkpoint_resumes_on_dp1_with_tp2(tmp_path, tiny_dataset_prefix, t
     assert config["parallel"]["tensor_parallel_size"] == 2
 
 
+def test_zero3_dp2_checkpoint_resumes_on_dp1_bit_exactly(tmp_path, tiny_dataset_prefix, tiny_tokenizer):
+    """ZeRO-3, TP=1: 2 ranks -> 1 rank. DeepSpeed's ZeRO-3 universal loader gives every param group the first
+    group's weight decay and one shared Adam `step` tensor (torch's AdamW then bias-corrects the second group
+    with a step counted twice); pipeline.train undoes both, so the losses equal the uninterrupted run's."""
+    def args(run_dir, extra=()):
+        return tiny_train_args(tiny_dataset_prefix, tiny_tokenizer, run_dir, steps=STEPS, architecture="3ml-self",
+                               ds_config="zero3_fp32.json", tp=1, extra=[*NO_DROPOUT, *extra])
+
+    reference, first, resharded = tmp_path / "reference", tmp_path / "dp2", tmp_path / "dp1"
+    torchrun(2, args(reference), tmp_path / "reference.log")
+    torchrun(2, args(first, ["--stop-at-step", str(STOP)]), tmp_path / "dp2.log")
+    _torchrun_out(1, ["-m", "pipeline.universal", str(first), "--output", str(resharded)], tmp_path / "reshard.log")
+    _torchrun_out(1, args(resharded, ["--load", str(resharded)]), tmp_path / "resume.log")
+    expected, resumed = dict(train_losses(reference)), dict(train_losses(resharded))
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    assert [resumed[step] for step in range(1, STEPS + 1)] == [expected[step] for step in range(1, STEPS + 1)]
+
+
 def test_reshard_refuses_a_missing_checkpoint(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pipeline.universal", str(tmp_path), "--output",
                            str(tmp_path / "out")], env=subprocess_env(), capture_output=True, text=True,
