@@ -82,6 +82,14 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, size: int, rep
     return 2.0 * size ** 3 * repeats / (time.perf_counter() - start) / 1e12
 
 
+def _train_step(engine, micro: dict):
+    """One forward/backward/optimizer step of the DeepSpeed engine, as ``pipeline.train`` does it."""
+    output = engine(micro)
+    engine.backward(output.loss)
+    engine.step()
+    return output
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -165,9 +173,7 @@ def run_one(preset: str, arch: str, rate: float, precision: str, seq_len: int, b
     for i, micro in enumerate(batches):
         _sync(device)
         start = time.perf_counter()
-        output = engine(micro)
-        engine.backward(output.loss)
-        engine.step()
+        output = _train_step(engine, micro)
         _sync(device)
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
@@ -199,9 +205,7 @@ def profile_steps(engine, batches, device: torch.device, path: Path, title: str)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for micro in batches:
-            output = engine(micro)
-            engine.backward(output.loss)
-            engine.step()
+            _train_step(engine, micro)
         _sync(device)
     averages = prof.key_averages()
     tables = [averages.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60)]
@@ -234,8 +238,8 @@ def format_table(rows: list[Row], peak: dict[str, float]) -> str:
     lines = [header, "|" + "---|" * 12]
     for r in rows:
         speed = lambda v: "-" if v is None else f"{v:.2f}x"
-        how = r.precision + (" compiled" if r.compiled else "") + (" megatron-fwd" if r.linear_forward == "megatron"
-                                                                  else "")
+        how = r.precision + (" compiled" if r.compiled else "")
+        how += " megatron-fwd" if r.linear_forward == "megatron" else ""
         lines.append(f"| {r.preset} | {r.architecture} | {r.masking_rate:.2f} | {how} "
                      f"| {r.batch} x {r.seq_len} ({r.encoder_len}) | {r.ms_per_step:.1f} | {r.samples_per_s:.1f} "
                      f"| {r.tflops:.2f} | {100 * r.mfu:.1f}% | {r.loader_ms_per_batch:.1f} "
@@ -275,8 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--no-dropout", action="store_true", help="dropout off (isolates the layer cost)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the Transformer and prediction layers (as "
-                        "run_pretrain.py --compile); the compilation happens in the warm-up steps")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the Transformer and prediction layers (as run_pretrain.py --compile); "
+                             "the compilation happens in the warm-up steps")
     parser.add_argument("--linear-forward", choices=("auto", "megatron"), default="auto",
                         help="model.layers.LINEAR_FORWARD: auto = F.linear at TP=1, megatron = megatron-core's "
                              "forward (its custom autograd function)")
@@ -309,7 +314,6 @@ def main(argv: list[str] | None = None) -> int:
     for dtype in by_dtype:
         by_dtype[dtype] = measure_matmul_peak(device, dtype, args.peak_size, 50 if on_gpu else 5)
     peak = {p: by_dtype[dtypes[p]] for p in precisions}
-    peak_of = peak.__getitem__
 
     rows: list[Row] = []
     for preset in args.presets.split(","):
@@ -317,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         seq_len, batch = args.seq_len or seq_len, args.batch or batch
         for precision in precisions:
             for arch, rate in parse_runs(args.runs):
-                rows.append(run_one(preset, arch, rate, precision, seq_len, batch, args, device, peak_of(precision)))
+                rows.append(run_one(preset, arch, rate, precision, seq_len, batch, args, device, peak[precision]))
                 print(f"{preset} {arch} r={rate} {precision}: {rows[-1].ms_per_step:.1f} ms/step", flush=True)
     add_speedups(rows, args)
 

@@ -17,8 +17,8 @@ comes after it, all read from the static-shape index tensors of the batch (``pip
   decoder position embedding at ``mask_positions``); each decoder layer has self-attention among them,
   cross-attention to the projected encoder output (plus the decoder position embedding of each kept token's
   original position, so queries and keys share one position table) and an MLP. Masked tokens are predicted
-  from the decoder via ``decoder.head_transform`` (d_de -> d_en); replaced and unchanged tokens from the encoder output at
-  ``kept_pred_index`` via ``head_transform`` (d_en -> d_en). Both share the vocabulary projection and its bias
+  from the decoder via ``decoder.head_transform`` (d_de -> d_en); replaced and unchanged tokens from the encoder
+  output at ``kept_pred_index`` via ``head_transform`` (d_en -> d_en). Both share the vocabulary projection and its bias
   (Appendix D eq. 4 counts exactly these two prediction layers).
 
 Parameter names (stable; TP-split ones marked with their partition dim, see ``tensor_parallel_dim``) and their

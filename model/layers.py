@@ -35,6 +35,11 @@ from model.config import ModelConfig
 LINEAR_FORWARD = "auto"
 
 
+def runs_plain_torch(tp_size: int) -> bool:
+    """Whether a tensor-parallel layer of a ``tp_size``-rank group computes with plain torch (see above)."""
+    return tp_size == 1 and LINEAR_FORWARD == "auto"
+
+
 class _PlainTorchAtTP1:
     """Mixin for a megatron-core linear layer: its forward returns the output tensor alone, computed as
     ``F.linear`` on the layer's own weight and bias at TP=1 and by megatron-core's forward otherwise. The layer
@@ -45,9 +50,9 @@ class _PlainTorchAtTP1:
         self.tp_size = parallel_state.get_tensor_model_parallel_world_size()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if LINEAR_FORWARD == "megatron" or self.tp_size > 1:
-            return super().forward(x)[0]
-        return F.linear(x, self.weight, self.bias)
+        if runs_plain_torch(self.tp_size):
+            return F.linear(x, self.weight, self.bias)
+        return super().forward(x)[0]
 
 
 class ColumnLinear(_PlainTorchAtTP1, ColumnParallelLinear):
@@ -104,15 +109,14 @@ class Attention(torch.nn.Module):
         self.cross = cross
         init = normal_init(init_std)
         if cross:
-            self.query = ColumnLinear(hidden, hidden, config=mp, init_method=init, bias=True,
-                                              gather_output=False)
+            self.query = ColumnLinear(hidden, hidden, config=mp, init_method=init, bias=True, gather_output=False)
             self.key_value = ColumnLinear(hidden, 2 * hidden, config=mp, init_method=init, bias=True,
-                                                  gather_output=False, stride=2)
+                                          gather_output=False, stride=2)
         else:
             self.qkv = ColumnLinear(hidden, 3 * hidden, config=mp, init_method=init, bias=True,
-                                            gather_output=False, stride=3)
-        self.out = RowLinear(hidden, hidden, config=mp, init_method=init, bias=True,
-                                     input_is_parallel=True, skip_bias_add=False)
+                                    gather_output=False, stride=3)
+        self.out = RowLinear(hidden, hidden, config=mp, init_method=init, bias=True, input_is_parallel=True,
+                             skip_bias_add=False)
 
     def _split_heads(self, x: torch.Tensor, parts: int) -> list[torch.Tensor]:
         # [B, L, parts * heads_r * hd] -> parts x [B, heads_r, L, hd]
@@ -148,7 +152,7 @@ class MLP(torch.nn.Module):
         init = normal_init(init_std)
         self.fc_in = ColumnLinear(hidden, ffn, config=mp, init_method=init, bias=True, gather_output=False)
         self.fc_out = RowLinear(ffn, hidden, config=mp, init_method=init, bias=True, input_is_parallel=True,
-                                        skip_bias_add=False)
+                                skip_bias_add=False)
         self.act = activation_fn(activation)
 
     def forward(self, x):
@@ -260,7 +264,7 @@ class OutputLayer(torch.nn.Module):
         """hidden ``[B, N, d_en]`` (replicated), targets ``[B, N]`` (valid ids) -> per-token loss ``[B, N]`` fp32,
         the same on every TP rank."""
         weight = embedding_weight if self.weight is None else self.weight
-        single_rank = self.tp_size == 1 and LINEAR_FORWARD == "auto"
+        single_rank = runs_plain_torch(self.tp_size)
         if not single_rank:
             # Identity forward; all-reduce of the input gradient across TP ranks in backward.
             hidden = copy_to_tensor_model_parallel_region(hidden)
@@ -283,14 +287,14 @@ class WordEmbedding(VocabParallelEmbedding):
 
 def compile_layers(model: torch.nn.Module) -> int:
     """``torch.compile`` in place (regional compilation) every ``TransformerLayer`` and ``HeadTransform`` of
-    ``model`` and, at TP=1, its ``OutputLayer`` (at TP>1 that one runs megatron's collectives); returns how many
-    modules. The layers of a stack share their code, so the encoder costs one compilation and the decoder one
-    more (its width differs), not one per layer. Parameters, their names and ``state_dict`` are unchanged, so
-    checkpoints do not depend on it. Shapes are static (``dynamic=False``): every training micro batch has one
-    shape (``pipeline.masking``); evaluation batches of another size compile once more."""
+    ``model`` and, where it runs plain torch (TP=1), its ``OutputLayer`` (megatron's collectives otherwise);
+    returns how many modules. The layers of a stack share their code, so the encoder costs one compilation and
+    the decoder one more (its width differs), not one per layer. Parameters, their names and ``state_dict`` are
+    unchanged, so checkpoints do not depend on it. Shapes are static (``dynamic=False``): every training micro
+    batch has one shape (``pipeline.masking``); evaluation batches of another size compile once more."""
     kinds = (TransformerLayer, HeadTransform)
     modules = [m for m in model.modules()
-               if isinstance(m, kinds) or (isinstance(m, OutputLayer) and m.tp_size == 1)]
+               if isinstance(m, kinds) or (isinstance(m, OutputLayer) and runs_plain_torch(m.tp_size))]
     for module in modules:
         module.compile(dynamic=False)
     return len(modules)

@@ -63,7 +63,8 @@ class FastByteLevelBPE:
         self._encode_ordinary = encoding._core_bpe.encode_ordinary
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Token ids of each text, exactly ``[e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]``."""
+        """Token ids of each text: exactly
+        ``[e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]``."""
         encode, added = self._encode_ordinary, self._added_search
         results: list[list[int] | None] = []
         to_hf: list[int] = []

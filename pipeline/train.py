@@ -131,8 +131,8 @@ class RuntimeConfig:
     progress_bar: bool = True
     deepspeed_config: str = DEFAULT_DS_CONFIG
     compile: bool = False
-    """``torch.compile`` the Transformer layers and prediction layers (``model.layers.compile_layers``); an implementation
-    setting that leaves the parameters and checkpoints unchanged, so it may differ between a run and its resume."""
+    """``torch.compile`` the Transformer and prediction layers (``model.layers.compile_layers``): an
+    implementation setting that leaves parameters and checkpoints unchanged, so a resume may change it."""
 
 
 def lr_multiplier(step_index: int, warmup_steps: int, total_steps: int) -> float:
