@@ -35,7 +35,7 @@ test: $(STAMP) slurm-deps
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
-	$(PY) -m pipeline.demo
+	$(PY) -m pipeline demo
 
 clean:
 	rm -rf $(VENV) .cache demo_out

@@ -10,7 +10,7 @@ with 2 DataLoader workers.
 Preprocessing MB/s per core = MB of text / CPU seconds of the main process and all its worker processes (reaped
 before the clock stops). megatron-core's one-time import (~1.5 CPU s per process, whatever the corpus size) is done
 before the timed runs and printed on its own, so every row measures the same work. Each row says which tokenizer
-engine encoded (``pipeline.fast_bpe``: tiktoken where it is exact, else HF tokenizers); the HF-only row, 1 worker,
+engine encoded (``pipeline.data.fast_bpe``: tiktoken where it is exact, else HF tokenizers); the HF-only row, 1 worker,
 is the comparison (``--no-hf-comparison`` skips it).
 """
 
@@ -31,11 +31,12 @@ sys.path.insert(0, str(REPOSITORY))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from pipeline.dataset import PackedSequences, build_pretraining_dataloader  # noqa: E402
-from pipeline.masking import MaskingConfig  # noqa: E402
-from pipeline.preprocess import (PreprocessConfig, import_indexed_dataset_module, open_input_binary,  # noqa: E402
-                                 preprocess)
-from pipeline.tokenizer import TrainConfig, load_raw_tokenizer, special_tokens, train_tokenizer  # noqa: E402
+from pipeline.data.dataset import PackedSequences, build_pretraining_dataloader  # noqa: E402
+from pipeline.data.masking import MaskingConfig  # noqa: E402
+from pipeline.data.corpus import open_input_binary  # noqa: E402
+from pipeline.data.meta import import_indexed_dataset_module  # noqa: E402
+from pipeline.data.preprocess import PreprocessConfig, preprocess  # noqa: E402
+from pipeline.data.tokenizer import TrainConfig, load_raw_tokenizer, special_tokens, train_tokenizer  # noqa: E402
 
 PREPROCESS_GOAL_MB_PER_CORE = 5.0
 LOADER_GOAL_SAMPLES_128 = 20_000

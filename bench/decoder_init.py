@@ -7,7 +7,7 @@ learned (``tests/test_model_learning.py``). This runs both on real text -- the s
 steps, one process, plain AdamW (no DeepSpeed: the question is the model's, not the engine's) -- and reports
 validation perplexity of masked, replaced and unchanged tokens against the unigram level.
 
-    python -m pipeline.preprocess --input ../shared/corpus/*prose*.txt.xz ../shared/corpus/tdavid.txt.xz \\
+    python -m pipeline preprocess --input ../shared/corpus/*prose*.txt.xz ../shared/corpus/tdavid.txt.xz \\
         --tokenizer TOK --output-prefix DATA/prose --one-doc-per-line --valid-fraction 0.02
     python bench/decoder_init.py --data-prefix DATA/prose --init content --json content.json
     python bench/decoder_init.py --data-prefix DATA/prose --init bert --json bert.json
@@ -32,10 +32,11 @@ import torch  # noqa: E402
 
 from model import ModelConfig, build_model  # noqa: E402
 from model.parallel import initialize_single_process  # noqa: E402
-from pipeline.dataset import build_pretraining_dataloader  # noqa: E402
-from pipeline.masking import MaskingConfig, SpecialTokens  # noqa: E402
-from pipeline.preprocess import import_indexed_dataset_module, load_meta, split_prefix  # noqa: E402
-from pipeline.train import lr_multiplier  # noqa: E402
+from pipeline.data.dataset import build_pretraining_dataloader  # noqa: E402
+from pipeline.data.batch import SpecialTokens  # noqa: E402
+from pipeline.data.masking import MaskingConfig  # noqa: E402
+from pipeline.data.meta import import_indexed_dataset_module, load_meta, split_prefix  # noqa: E402
+from pipeline.training.schedule import lr_multiplier  # noqa: E402
 
 
 def unigram_perplexity(prefix: str, special: SpecialTokens, vocab_size: int) -> float:

@@ -1,15 +1,15 @@
 """Training throughput of MLM vs 3ML, measured side by side in one run, through the product code path.
 
 Each row is one (preset, architecture, masking rate, precision) built with ``model.build_model`` and stepped by
-a DeepSpeed engine made from a ``ds_configs/`` file with ``pipeline.train.build_deepspeed_config`` -- the same
-objects ``run_pretrain.py`` trains. Batches are masked by ``pipeline.masking`` from fixed random token
+a DeepSpeed engine made from a ``ds_configs/`` file with ``pipeline.training.trainer.build_deepspeed_config`` -- the same
+objects ``run_pretrain.py`` trains. Batches are masked by ``pipeline.data.masking`` from fixed random token
 sequences (the content does not change the work) and live on the device before timing starts; the data
 loader is timed separately (``loader ms/batch``: DataLoader with workers, masking + collation, per micro batch)
 so it can be compared with the step time.
 
 Reported per row: ms/step (median of the timed steps), samples/s, achieved model TFLOP/s, MFU against the
 matmul peak measured in the same run, the measured speedup over the first ``mlm`` row of the same preset and
-precision, and the speedup ``pipeline.flops`` predicts for the same pair. Model FLOPs follow the paper's
+precision, and the speedup ``pipeline.training.flops`` predicts for the same pair. Model FLOPs follow the paper's
 Appendix D; for TFLOP/s and MFU the step counts forward + 2x backward (``--fwd-bwd-factor 3``, the
 Megatron/PaLM MFU convention), the predicted speedups do not depend on that factor.
 
@@ -38,8 +38,9 @@ import numpy as np
 import torch
 
 from model.config import ModelConfig
-from pipeline.flops import MFU_FWD_BWD_FACTOR
-from pipeline.masking import Masker, MaskingCollator, MaskingConfig, SpecialTokens
+from pipeline.training.flops import MFU_FWD_BWD_FACTOR
+from pipeline.data.batch import SpecialTokens
+from pipeline.data.masking import Masker, MaskingCollator, MaskingConfig
 
 # Special ids of a RoBERTa-style vocabulary; the benchmark needs no tokenizer.
 SPECIAL = SpecialTokens(bos=0, pad=1, eos=2, unk=3, mask=4)
@@ -83,7 +84,7 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, size: int, rep
 
 
 def _train_step(engine, micro: dict):
-    """One forward/backward/optimizer step of the DeepSpeed engine, as ``pipeline.train`` does it."""
+    """One forward/backward/optimizer step of the DeepSpeed engine, as ``pipeline.training.trainer`` does it."""
     output = engine(micro)
     engine.backward(output.loss)
     engine.step()
@@ -140,8 +141,8 @@ def run_one(preset: str, arch: str, rate: float, precision: str, seq_len: int, b
     from model import build_model
     from model.layers import compile_layers
     from model.parallel import MegatronMpuForDeepSpeed
-    from pipeline.flops import training_flops
-    from pipeline.train import TrainingConfig, build_deepspeed_config
+    from pipeline.training.flops import training_flops
+    from pipeline.training.trainer import TrainingConfig, build_deepspeed_config
 
     overrides = {"max_positions": max(seq_len, ModelConfig.preset(preset, arch).max_positions)}
     if args.vocab_size:
@@ -217,7 +218,7 @@ def profile_steps(engine, batches, device: torch.device, path: Path, title: str)
 
 def add_speedups(rows: list[Row], args) -> None:
     """Measured and FLOPs-predicted speedup of each row over the first mlm row of its preset and precision."""
-    from pipeline.flops import speedup
+    from pipeline.training.flops import speedup
 
     for row in rows:
         baseline = next((r for r in rows if r.architecture == "mlm" and r.preset == row.preset
@@ -269,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab-size", type=int, default=50265, help="RoBERTa's |V| (paper)")
     parser.add_argument("--strategy", default="80-10-10")
     parser.add_argument("--pad-multiple", type=int, default=MaskingConfig.pad_multiple,
-                        help="3ML encoder length padded up to a multiple of this (pipeline.masking)")
+                        help="3ML encoder length padded up to a multiple of this (pipeline.data.masking)")
     parser.add_argument("--zero", default="zero2", help="ds_configs/{zero}_{precision}.json")
     parser.add_argument("--ds-config-dir", default=str(Path(__file__).resolve().parent.parent / "ds_configs"))
     parser.add_argument("--steps", type=int, default=20 if on_gpu else 3)
@@ -292,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from model.parallel import initialize_model_parallel
-    from pipeline.distributed import init_distributed
+    from pipeline.training.distributed import init_distributed
 
     init_distributed()
     if torch.distributed.get_world_size() != 1:

@@ -2,7 +2,7 @@
 
 They share the encoder (``TransformerEncoder``: word + position embeddings, LayerNorm, Transformer layers), the
 prediction-layer transform and the tied vocabulary projection. What differs is what the encoder sees and what
-comes after it, all read from the static-shape index tensors of the batch (``pipeline/masking.py``):
+comes after it, all read from the static-shape index tensors of the batch (``pipeline/data/masking.py``):
 
 * ``mlm``: the encoder reads the whole corrupted sequence ``input_ids`` (``<mask>`` ids included) at positions
   ``0..L-1``; the head runs only at ``pred_positions`` (RoBERTa's sparse prediction).
@@ -65,7 +65,7 @@ from megatron.core import parallel_state
 from model.config import ModelConfig
 from model.layers import (HeadTransform, OutputLayer, TransformerStack, WordEmbedding, key_padding_mask,
                           megatron_config)
-from pipeline.masking import KIND_MASKED
+from pipeline.data.batch import KIND_MASKED
 
 
 
@@ -246,7 +246,7 @@ class PretrainingModel(torch.nn.Module):
                 torch.cat([mask_valid, kept_pred_valid], dim=1))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
-        """``batch``: the ``pipeline.masking`` layout (on the model's device). No host-device sync."""
+        """``batch``: the ``pipeline.data.masking`` layout (on the model's device). No host-device sync."""
         forward = {"mlm": self._forward_mlm, "3ml-self": self._forward_3ml_self,
                    "3ml-cross": self._forward_3ml_cross}[self.config.architecture]
         losses, kinds, valid = forward(batch)

@@ -291,7 +291,7 @@ def compile_layers(model: torch.nn.Module) -> int:
     returns how many modules. The layers of a stack share their code, so the encoder costs one compilation and
     the decoder one more (its width differs), not one per layer. Parameters, their names and ``state_dict`` are
     unchanged, so checkpoints do not depend on it. Shapes are static (``dynamic=False``): every training micro
-    batch has one shape (``pipeline.masking``); evaluation batches of another size compile once more."""
+    batch has one shape (``pipeline.data.masking``); evaluation batches of another size compile once more."""
     kinds = (TransformerLayer, HeadTransform)
     modules = [m for m in model.modules()
                if isinstance(m, kinds) or (isinstance(m, OutputLayer) and runs_plain_torch(m.tp_size))]

@@ -1,6 +1,6 @@
 """Parameter counts of the presets, for comparison with the paper's Table 3.
 
-``python -m model.params [--vocab-size 50265] [--presets base large]`` builds each model on the ``meta`` device
+``python -m pipeline params [--vocab-size 50265] [--presets base large]`` builds each model on the ``meta`` device
 (no memory, no initialisation cost) with an unpadded vocabulary and prints total / encoder-kept-for-fine-tuning /
 pre-training-only parameters, next to the paper's figures (in millions).
 """
@@ -41,7 +41,7 @@ def count_parameters(config: ModelConfig) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m model.params", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline params", description=__doc__.split("\n\n")[0])
     parser.add_argument("--vocab-size", type=int, default=50265, help="|V| (RoBERTa BPE: 50,265)")
     parser.add_argument("--presets", nargs="+", default=["base", "large"], choices=ModelConfig.preset_names())
     args = parser.parse_args(argv)

@@ -4,11 +4,11 @@
    (``enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2``), extracted with gensim's own
    wiki utilities (``extract_pages`` + ``filter_wiki``) and kept paragraph by paragraph, plus the 300 Lee
    news documents (``lee_background.cor``);
-2. a byte-level BPE tokenizer trained on it (``pipeline.tokenizer``);
-3. preprocessing into train/valid indexed datasets (``pipeline.preprocess``);
+2. a byte-level BPE tokenizer trained on it (``pipeline.data.tokenizer``);
+3. preprocessing into train/valid indexed datasets (``pipeline.data.preprocess``);
 4. pre-training a small 3MLself on 2 ranks (torchrun, DP=2, ZeRO-2, fp32 on CPU) with validation along the way
    and a checkpoint at the end (``run_pretrain.py``);
-5. the loss/perplexity curves (``pipeline.report``).
+5. the loss/perplexity curves (``pipeline.evaluation.report``).
 
 Everything goes to ``demo_out/`` (``--output-dir``); the paths are printed at the end.
 """
@@ -93,7 +93,7 @@ def child_env() -> dict:
 
 
 def pretrain_command(args, dataset_prefix: Path, tokenizer: Path, run_dir: Path) -> list[str]:
-    from pipeline.distributed import free_port
+    from pipeline.training.distributed import free_port
 
     torchrun = Path(sys.executable).parent / "torchrun"
     launcher = [str(torchrun)] if torchrun.exists() else [sys.executable, "-m", "torch.distributed.run"]
@@ -116,7 +116,7 @@ def pretrain_command(args, dataset_prefix: Path, tokenizer: Path, run_dir: Path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", default=str(REPO_ROOT / "demo_out"))
     parser.add_argument("--steps", type=int, default=600, help="optimizer steps of the pre-training")
     parser.add_argument("--batch-size", type=int, default=32, help="global batch (sequences of 128 tokens)")
@@ -127,9 +127,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.batch_size % args.ranks:
         parser.error("--batch-size must be a multiple of --ranks")
 
-    from pipeline.preprocess import PreprocessConfig, preprocess
-    from pipeline.report import draw, read_metrics
-    from pipeline.tokenizer import TrainConfig, train_tokenizer
+    from pipeline.data.preprocess import PreprocessConfig, preprocess
+    from pipeline.evaluation.report import draw, read_metrics
+    from pipeline.data.tokenizer import TrainConfig, train_tokenizer
 
     out = Path(args.output_dir).resolve()
     started = time.perf_counter()

@@ -11,7 +11,7 @@
 #   3. resumes automatically: if RUN_DIR/checkpoints/latest exists it adds `--load RUN_DIR` (run_pretrain.py
 #      then picks the newest intact checkpoint); if that checkpoint was written by a different number of ranks
 #      (the job lost or gained nodes), it is first re-sharded in place for this job's world through DeepSpeed's
-#      universal checkpoint (`srun python -m pipeline.universal RUN_DIR --output RUN_DIR`; any ZeRO stage, same TP);
+#      universal checkpoint (`srun python -m pipeline reshard RUN_DIR --output RUN_DIR`; any ZeRO stage, same TP);
 #   4. runs `srun ... python run_pretrain.py ...` in the background and waits for it;
 #   5. pre-emption: on SIGUSR1 (sent by Slurm `--signal=B:USR1@SECS` before the time limit, or by
 #      `scancel --signal=USR1 --batch JOBID`) it forwards USR1 to the srun step (srun passes it on to every
@@ -26,7 +26,7 @@
 #   (HOSTFILE lines `host slots=N` from `scontrol show hostnames`). The plain srun form above needs no hostfile,
 #   and Slurm then owns every task, so signals, `--kill-on-bad-exit` and accounting work per task.
 #
-# MPI instead of Slurm (ranks from mpi4py, see pipeline/distributed.py; rank 0 broadcasts its address as
+# MPI instead of Slurm (ranks from mpi4py, see pipeline/training/distributed.py; rank 0 broadcasts its address as
 # MASTER_ADDR, the port defaults to 29500; set MASTER_ADDR/MASTER_PORT to override, e.g. the fabric address):
 #     mpirun -np 8 [--allow-run-as-root] -x PYTHONPATH -x MASTER_PORT python run_pretrain.py ARGS...
 #
@@ -34,7 +34,7 @@
 #   REPO_DIR       checkout holding run_pretrain.py               [default: $SLURM_SUBMIT_DIR]
 #   PYTHON         interpreter                                     [default: REPO_DIR/.venv/bin/python, else python3]
 #   RUN_DIR        run directory (checkpoints/, metrics.jsonl, logs/)              (required)
-#   DATA_PREFIX    prefix written by `python -m pipeline.preprocess`              (required)
+#   DATA_PREFIX    prefix written by `python -m pipeline preprocess`              (required)
 #   TOKENIZER      tokenizer.json checked against the dataset       [default: none: the dataset's meta is used]
 #   RECIPE         paper recipe (base | large) or a recipe JSON     [default: base]
 #   DS_CONFIG      DeepSpeed config (name in ds_configs/ or path)   [default: the recipe's]
@@ -59,7 +59,7 @@ if [[ -z "${PYTHON:-}" ]]; then
     if [[ -x "$REPO_DIR/.venv/bin/python" ]]; then PYTHON="$REPO_DIR/.venv/bin/python"; else PYTHON=python3; fi
 fi
 : "${RUN_DIR:?launch.sh: set RUN_DIR (the run directory)}"
-: "${DATA_PREFIX:?launch.sh: set DATA_PREFIX (the prefix written by python -m pipeline.preprocess)}"
+: "${DATA_PREFIX:?launch.sh: set DATA_PREFIX (the prefix written by python -m pipeline preprocess)}"
 RECIPE="${RECIPE:-base}"
 DS_CONFIG="${DS_CONFIG:-}"
 TP_SIZE="${TP_SIZE:-}"
@@ -114,12 +114,12 @@ train_cmd=("$PYTHON" "$REPO_DIR/run_pretrain.py" --recipe "$RECIPE" --data-prefi
 if [[ -f "$RUN_DIR/checkpoints/latest" ]]; then
     train_cmd+=(--load "$RUN_DIR")
     echo "launch.sh: resuming from $RUN_DIR/checkpoints ($(cat "$RUN_DIR/checkpoints/latest"))"
-    saved_world="$("$PYTHON" -c 'import sys; from pipeline.universal import checkpoint_world_size as w; print(w(sys.argv[1]) or "")' "$RUN_DIR" || true)"
+    saved_world="$("$PYTHON" -c 'import sys; from pipeline.training.universal import checkpoint_world_size as w; print(w(sys.argv[1]) or "")' "$RUN_DIR" || true)"
     if [[ -n "$saved_world" && "$saved_world" != "${SLURM_NTASKS:-1}" && "$RESHARD_ON_WORLD_CHANGE" == 1 ]]; then
         echo "launch.sh: the checkpoint was written by $saved_world ranks, this job has ${SLURM_NTASKS:-1}: re-sharding"
         # Not interrupted by a forwarded signal: the in-place re-shard is atomic and takes a minute or two.
         srun --kill-on-bad-exit=1 --export=ALL "$REPO_DIR/slurm/rank_env.sh" \
-            "$PYTHON" -m pipeline.universal "$RUN_DIR" --output "$RUN_DIR"
+            "$PYTHON" -m pipeline.training.universal "$RUN_DIR" --output "$RUN_DIR"
     fi
 fi
 # shellcheck disable=SC2206  # TRAIN_ARGS is a user-supplied, word-split argument string

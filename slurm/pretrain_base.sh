@@ -35,7 +35,7 @@ set -euo pipefail
 # ---- what a user changes (environment overrides win) --------------------------------------------------------
 export REPO_DIR="${REPO_DIR:-${SLURM_SUBMIT_DIR:-$PWD}}"   # the 3ML checkout (sbatch copies this script away)
 export RECIPE="${RECIPE:-base}"                             # ds_configs/recipe_base.json
-export DATA_PREFIX="${DATA_PREFIX:-$REPO_DIR/data/pretrain}"  # python -m pipeline.preprocess --output-prefix
+export DATA_PREFIX="${DATA_PREFIX:-$REPO_DIR/data/pretrain}"  # python -m pipeline preprocess --output-prefix
 export TOKENIZER="${TOKENIZER:-}"                           # tokenizer.json (checked against the dataset)
 export RUN_DIR="${RUN_DIR:-$REPO_DIR/runs/3mlself-base}"    # checkpoints, metrics, logs of every restart
 export DS_CONFIG="${DS_CONFIG:-zero2_fp16.json}"            # V100: fp16 + dynamic loss scaling

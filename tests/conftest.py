@@ -22,7 +22,7 @@ def english_text_file() -> Path:
 def tiny_tokenizer(tmp_path_factory, english_text_file) -> Path:
     """Path of a tokenizer.json: byte-level BPE with RoBERTa specials (ids 0..4), vocab 1000, trained on the Lee
     corpus."""
-    from pipeline.tokenizer import TrainConfig, train_tokenizer
+    from pipeline.data.tokenizer import TrainConfig, train_tokenizer
 
     directory = tmp_path_factory.mktemp("tiny_tokenizer")
     return train_tokenizer([english_text_file], directory / "tokenizer.json",
@@ -33,7 +33,7 @@ def tiny_tokenizer(tmp_path_factory, english_text_file) -> Path:
 def tiny_dataset_prefix(tmp_path_factory, english_text_file, tiny_tokenizer) -> str:
     """Prefix P of the Lee corpus preprocessed with ``tiny_tokenizer``: ``P_train.{bin,idx}`` (285 documents),
     ``P_valid.{bin,idx}`` (15 documents) and ``P.meta.json``."""
-    from pipeline.preprocess import PreprocessConfig, preprocess
+    from pipeline.data.preprocess import PreprocessConfig, preprocess
 
     prefix = tmp_path_factory.mktemp("tiny_dataset") / "lee"
     preprocess(PreprocessConfig(inputs=[english_text_file], tokenizer=tiny_tokenizer, output_prefix=prefix,

@@ -33,7 +33,7 @@ def tiny_train_args(dataset_prefix: str, tokenizer: Path, run_dir: Path, *, step
 
 def torchrun(nproc: int, args: list[str], log: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     """``torchrun --nproc_per_node N run_pretrain.py ARGS`` with the test environment; output to ``log``."""
-    from pipeline.distributed import free_port
+    from pipeline.training.distributed import free_port
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_port", str(free_port()), *args]

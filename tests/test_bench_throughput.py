@@ -1,5 +1,5 @@
 """bench/throughput.py on CPU with the tiny preset: the table's numbers are consistent with each other and with
-pipeline.flops (the GPU figures in the README come from the same script)."""
+pipeline.training.flops (the GPU figures in the README come from the same script)."""
 import json
 import math
 import os
@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from model.config import ModelConfig
-from pipeline.flops import speedup, training_flops
+from pipeline.training.flops import speedup, training_flops
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from pipeline import checkpoint as ckpt
+from pipeline.training import checkpoint as ckpt
 
 
 def fake_save(ckpt_dir, step, payload=b"weights"):

@@ -15,10 +15,11 @@ import pytest
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
-from pipeline.dataset import (MaskedPretrainingDataset, PackedBatchCollator, PackedSequences,
+from pipeline.data.dataset import (MaskedPretrainingDataset, PackedBatchCollator, PackedSequences,
                               PretrainingBatchSampler, build_pretraining_dataloader, open_indexed_dataset, unpack_batch)
 from pipeline.errors import DataError
-from pipeline.masking import KIND_NONE, Masker, MaskingCollator, MaskingConfig, SpecialTokens
+from pipeline.data.batch import KIND_NONE, SpecialTokens
+from pipeline.data.masking import Masker, MaskingCollator, MaskingConfig
 
 SPECIAL = SpecialTokens(bos=0, pad=1, eos=2, unk=3, mask=4)
 MASKING = MaskingConfig(rate=0.4, strategy="80-10-10", seed=7)

@@ -1,4 +1,4 @@
-"""python -m pipeline.export: ZeRO-2 and ZeRO-3 checkpoints trained with TP=2 (2 CPU ranks) -> Hugging Face.
+"""python -m pipeline export: ZeRO-2 and ZeRO-3 checkpoints trained with TP=2 (2 CPU ranks) -> Hugging Face.
 
 transformers loads the exported directory (AutoModel, AutoModelForMaskedLM, AutoTokenizer) and its hidden
 states equal the pipeline's own encoder (built at TP=1 from the consolidated, TP-merged weights) on the same
@@ -38,7 +38,7 @@ def checkpoints(tmp_path_factory, tiny_dataset_prefix, tiny_tokenizer):
 
 
 def _export(run_dir: Path, output: Path, *extra: str) -> str:
-    proc = subprocess.run([sys.executable, "-m", "pipeline.export", str(run_dir), "--output", str(output), *extra],
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "export", str(run_dir), "--output", str(output), *extra],
                           env=subprocess_env(), capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
@@ -70,8 +70,8 @@ def _check_export(run_dir: Path, export_dir: Path, expect_type: str, expect_head
     from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
     from model import ModelConfig
-    from pipeline.checkpoint import find_resume_point, read_run_config
-    from pipeline.export import load_merged_state_dict
+    from pipeline.training.checkpoint import find_resume_point, read_run_config
+    from pipeline.evaluation.export import load_merged_state_dict
 
     point = find_resume_point(run_dir)
     run_config = read_run_config(point.tag_dir)
@@ -117,7 +117,7 @@ def test_export_zero2_tp2_post_ln_encoder(checkpoints, tmp_path):
     assert not any("decoder" in name for name in load_file(str(export_dir / "model.safetensors")))
     # fp32 ZeRO-2: DeepSpeed's consolidated fp32 master weights are the module weights of the TP shards.
     from model import split_for_tensor_parallel
-    from pipeline.checkpoint import find_resume_point, load_module_state_dicts
+    from pipeline.training.checkpoint import find_resume_point, load_module_state_dicts
     module_shards = load_module_state_dicts(find_resume_point(checkpoints["zero2"]).tag_dir)
     for rank, shard in enumerate(module_shards):
         for name, tensor in shard.items():
@@ -131,7 +131,7 @@ def test_export_zero3_tp2_pre_ln_with_mlm_head_and_decoder(checkpoints, tmp_path
     assert "ZeRO-3, TP=2" in out and "roberta-prelayernorm with the MLM head" in out
     state, config = _check_export(checkpoints["zero3"], export_dir, "roberta-prelayernorm", expect_head=True)
     # The full model (decoder included) reloads with the same weights.
-    from pipeline.export import load_full_model
+    from pipeline.evaluation.export import load_full_model
     full = load_full_model(export_dir)
     full_state = full.state_dict()
     assert any(name.startswith("decoder.") for name in state)
@@ -148,12 +148,12 @@ def test_export_zero0_tp2_mlm_with_head(checkpoints, tmp_path):
 
 def test_export_refuses_bad_input(checkpoints, tmp_path):
     missing = tmp_path / "nowhere"
-    proc = subprocess.run([sys.executable, "-m", "pipeline.export", str(missing), "--output", str(tmp_path / "o")],
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "export", str(missing), "--output", str(tmp_path / "o")],
                           env=subprocess_env(), capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 1 and str(missing) in proc.stderr and "Traceback" not in proc.stderr
     existing = tmp_path / "exists"
     existing.mkdir()
-    proc = subprocess.run([sys.executable, "-m", "pipeline.export", str(checkpoints["zero2"]), "--output",
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "export", str(checkpoints["zero2"]), "--output",
                            str(existing)], env=subprocess_env(), capture_output=True, text=True, timeout=120,
                           cwd=REPO)
     assert proc.returncode == 1 and "already exists" in proc.stderr
@@ -167,7 +167,7 @@ def test_hf_mapping_in_process(architecture, pre_ln, tied, pad_id):
     from transformers import AutoModelForMaskedLM
 
     from model import ModelConfig
-    from pipeline.export import encoder_to_hf, hf_config
+    from pipeline.evaluation.export import encoder_to_hf, hf_config
 
     config = ModelConfig.preset("tiny", architecture, vocab_size=300, pre_ln=pre_ln, tie_embeddings=tied,
                                 pad_token_id=pad_id, hidden_dropout=0.0, attention_dropout=0.0)

@@ -1,4 +1,4 @@
-"""The tiktoken fast path (pipeline.fast_bpe): exactly HF tokenizers' ids, or a fallback to HF tokenizers."""
+"""The tiktoken fast path (pipeline.data.fast_bpe): exactly HF tokenizers' ids, or a fallback to HF tokenizers."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.fast_bpe import BYTE_LEVEL_PATTERN, build_fast_bpe, bytes_to_unicode
-from pipeline.preprocess import PreprocessConfig, preprocess
-from pipeline.tokenizer import TrainConfig, import_tokenizer, load_raw_tokenizer, train_tokenizer
+from pipeline.data.fast_bpe import BYTE_LEVEL_PATTERN, build_fast_bpe, bytes_to_unicode
+from pipeline.data.preprocess import PreprocessConfig, preprocess
+from pipeline.data.tokenizer import TrainConfig, import_tokenizer, load_raw_tokenizer, train_tokenizer
 
 SHARED_GPT2 = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "gpt2-bpe"
 
@@ -68,7 +68,7 @@ def trained_5k(tmp_path_factory, english_text_file) -> Path:
 
 @pytest.fixture(scope="module")
 def gpt2_style(tmp_path_factory, english_text_file) -> Path:
-    """A GPT-2-style vocab.json + merges.txt (<|endoftext|> in the vocabulary) imported by pipeline.tokenizer."""
+    """A GPT-2-style vocab.json + merges.txt (<|endoftext|> in the vocabulary) imported by pipeline.data.tokenizer."""
     from tokenizers import ByteLevelBPETokenizer
 
     directory = tmp_path_factory.mktemp("gpt2_style")
@@ -235,7 +235,7 @@ def test_preprocess_logs_and_falls_back_for_a_tokenizer_with_a_normalizer(tmp_pa
 
 def test_runtime_guard_falls_back_when_the_first_documents_differ(tmp_path, tiny_tokenizer, lee_lines, capsys,
                                                                   monkeypatch):
-    import pipeline.preprocess as preprocess_module
+    import pipeline.data.preprocess as preprocess_module
 
     def broken_build(tokenizer):
         fast, description = build_fast_bpe(tokenizer)
@@ -254,7 +254,7 @@ def test_runtime_guard_falls_back_when_the_first_documents_differ(tmp_path, tiny
 
 
 def test_cli_no_fast_tokenizer_flag(tmp_path, tiny_tokenizer, lee_lines, capsys):
-    from pipeline.preprocess import main
+    from pipeline.data.preprocess import main
 
     inputs = _documents_file(tmp_path, lee_lines)
     assert main(["--input", str(inputs), "--tokenizer", str(tiny_tokenizer), "--output-prefix",

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import finetune, glue
-from pipeline.finetune import FinetuneConfig, GridPoint, RunOutcome
+from pipeline.evaluation import finetune, glue
+from pipeline.evaluation.finetune import FinetuneConfig, GridPoint, RunOutcome
 
 CUE = "zebra"
 
@@ -25,7 +25,7 @@ def _lee_lines() -> list[str]:
 
 
 def _export_dir(directory: Path, pre_layer_norm: bool) -> Path:
-    """What pipeline.export writes: a tiny model (roberta or roberta-prelayernorm) plus a byte-level BPE tokenizer
+    """What pipeline.evaluation.export writes: a tiny model (roberta or roberta-prelayernorm) plus a byte-level BPE tokenizer
     with RoBERTa's special tokens, both via save_pretrained."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import (PreTrainedTokenizerFast, RobertaConfig, RobertaForMaskedLM,

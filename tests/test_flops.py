@@ -1,4 +1,4 @@
-"""FLOPs accounting (pipeline/flops.py): the paper's numbers, its formulas written out, and a direct count of
+"""FLOPs accounting (pipeline/training/flops.py): the paper's numbers, its formulas written out, and a direct count of
 the model's matmul FLOPs with torch's FlopCounterMode."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from model import ModelConfig
-from pipeline.flops import forward_flops, main, speedup, training_flops
+from pipeline.training.flops import forward_flops, main, speedup, training_flops
 from tp_worker import VOCAB, make_batch
 
 

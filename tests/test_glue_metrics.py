@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import glue
-from pipeline.glue import GlueDataError
+from pipeline.evaluation import glue
+from pipeline.evaluation.glue import GlueDataError
 
 # ------------------------------------------------------------------------------------------------- metrics
 

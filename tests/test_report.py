@@ -1,10 +1,10 @@
-"""pipeline.report draws the loss/perplexity PNG from a run's metrics.jsonl."""
+"""pipeline.evaluation.report draws the loss/perplexity PNG from a run's metrics.jsonl."""
 
 from __future__ import annotations
 
 import json
 
-from pipeline import report
+from pipeline.evaluation import report
 
 
 def write_metrics(run_dir, steps=20):

@@ -18,7 +18,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from slurm_cluster import SlurmCluster, unavailable_reason  # noqa: E402
-from pipeline.report import ReportError, read_metrics
+from pipeline.evaluation.report import ReportError, read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN_STEPS = 24
@@ -110,7 +110,7 @@ def test_slurm_preemption_checkpoints_requeues_and_resumes(cluster, tmp_path, ti
                                                            tiny_tokenizer):
     run_dir = tmp_path / "run"
     stop_after = 8
-    # Training pauses after step `stop_after` (a test hook of pipeline.train) so the signal lands at a known
+    # Training pauses after step `stop_after` (a test hook of pipeline.training.trainer) so the signal lands at a known
     # step; the restarted job resumes after that step and never pauses again.
     env = _job_env(run_dir, tiny_dataset_prefix, tiny_tokenizer,
                    {"PRETRAIN_TEST_PAUSE_AFTER_STEP": f"{stop_after}:60"})

@@ -8,8 +8,8 @@ import json
 import pytest
 
 from pipeline.errors import DataError, exit_on_data_error
-from pipeline.masking import SpecialTokens
-from pipeline.tokenizer import (TrainConfig, import_tokenizer, load_raw_tokenizer, load_tokenizer, main,
+from pipeline.data.batch import SpecialTokens
+from pipeline.data.tokenizer import (TrainConfig, import_tokenizer, load_raw_tokenizer, load_tokenizer, main,
                                 special_tokens, tokenizer_fingerprint, train_tokenizer)
 
 

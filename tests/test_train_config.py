@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import distributed
-from pipeline.train import (DS_CONFIG_DIR, ConfigError, TrainingConfig, build_deepspeed_config, build_parser,
-                            load_recipe, lr_multiplier)
+from pipeline.training import distributed
+from pipeline.errors import ConfigError
+from pipeline.training.schedule import lr_multiplier
+from pipeline.training.trainer import DS_CONFIG_DIR, TrainingConfig, build_deepspeed_config, build_parser, load_recipe
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -67,7 +68,7 @@ def test_deepspeed_config_setting_a_hyper_parameter_is_refused(tmp_path):
 
 
 def test_precision_labels_and_autocast_config(tmp_path):
-    from pipeline.train import precision_of
+    from pipeline.training.trainer import precision_of
 
     labels = {name: precision_of(build_deepspeed_config(DS_CONFIG_DIR / name, TrainingConfig(), 1, "cuda", True,
                                                         True))
@@ -120,7 +121,7 @@ def test_slurm_nodelist_expansion_without_scontrol(monkeypatch):
 
 
 def test_recipe_resolves_to_table_4_and_explicit_options_win():
-    from pipeline.train import resolve_config
+    from pipeline.training.trainer import resolve_config
 
     meta = {"tokenizer": {"vocab_size": 50265, "sha256": "0" * 64},
             "special_tokens": {"bos": 0, "pad": 1, "eos": 2, "unk": 3, "mask": 4}}

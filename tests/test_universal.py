@@ -1,4 +1,4 @@
-"""Resume on fewer data-parallel ranks through DeepSpeed's universal checkpoint (python -m pipeline.universal).
+"""Resume on fewer data-parallel ranks through DeepSpeed's universal checkpoint (python -m pipeline reshard).
 
 A run saved with DP=2 x TP=2 (4 CPU ranks, ZeRO-2) is re-sharded for DP=1 x TP=2 and resumed by 2 ranks: the
 consumed-samples position carries over (the next global batches are exactly the ones the DP=2 run would have
@@ -46,7 +46,7 @@ def test_dp2_checkpoint_resumes_on_dp1_with_tp2(tmp_path, tiny_dataset_prefix, t
     torchrun(4, _args(tiny_dataset_prefix, tiny_tokenizer, first, ["--stop-at-step", str(STOP)]),
              tmp_path / "dp2.log")
 
-    out = _torchrun_out(2, ["-m", "pipeline.universal", str(first), "--output", str(resharded)],
+    out = _torchrun_out(2, ["-m", "pipeline", "reshard", str(first), "--output", str(resharded)],
                         tmp_path / "reshard.log")
     assert f"(world 4, DP 2) to {resharded}/checkpoints/step_{STOP:08d} (world 2, DP 1, TP 2)" in out, out
     run_config = json.loads((resharded / "checkpoints" / f"step_{STOP:08d}" / "run_config.json").read_text())
@@ -71,7 +71,7 @@ def test_dp2_checkpoint_resumes_on_dp1_with_tp2(tmp_path, tiny_dataset_prefix, t
 def test_zero3_dp2_checkpoint_resumes_on_dp1_bit_exactly(tmp_path, tiny_dataset_prefix, tiny_tokenizer):
     """ZeRO-3, TP=1: 2 ranks -> 1 rank. DeepSpeed's ZeRO-3 universal loader gives every param group the first
     group's weight decay and one shared Adam `step` tensor (torch's AdamW then bias-corrects the second group
-    with a step counted twice); pipeline.train undoes both, so the losses equal the uninterrupted run's."""
+    with a step counted twice); pipeline.training.trainer undoes both, so the losses equal the uninterrupted run's."""
     def args(run_dir, extra=()):
         return tiny_train_args(tiny_dataset_prefix, tiny_tokenizer, run_dir, steps=STEPS, architecture="3ml-self",
                                ds_config="zero3_fp32.json", tp=1, extra=[*NO_DROPOUT, *extra])
@@ -79,7 +79,7 @@ def test_zero3_dp2_checkpoint_resumes_on_dp1_bit_exactly(tmp_path, tiny_dataset_
     reference, first, resharded = tmp_path / "reference", tmp_path / "dp2", tmp_path / "dp1"
     torchrun(2, args(reference), tmp_path / "reference.log")
     torchrun(2, args(first, ["--stop-at-step", str(STOP)]), tmp_path / "dp2.log")
-    _torchrun_out(1, ["-m", "pipeline.universal", str(first), "--output", str(resharded)], tmp_path / "reshard.log")
+    _torchrun_out(1, ["-m", "pipeline", "reshard", str(first), "--output", str(resharded)], tmp_path / "reshard.log")
     _torchrun_out(1, args(resharded, ["--load", str(resharded)]), tmp_path / "resume.log")
     expected, resumed = dict(train_losses(reference)), dict(train_losses(resharded))
     assert sorted(resumed) == list(range(1, STEPS + 1))
@@ -87,7 +87,7 @@ def test_zero3_dp2_checkpoint_resumes_on_dp1_bit_exactly(tmp_path, tiny_dataset_
 
 
 def test_reshard_refuses_a_missing_checkpoint(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "pipeline.universal", str(tmp_path), "--output",
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "reshard", str(tmp_path), "--output",
                            str(tmp_path / "out")], env=subprocess_env(), capture_output=True, text=True,
                           timeout=120, cwd=REPO)
     assert proc.returncode == 1 and "no checkpoint" in proc.stderr and "Traceback" not in proc.stderr

@@ -15,7 +15,8 @@ import sys
 import numpy as np
 import torch
 
-from pipeline.masking import Masker, MaskingConfig, SpecialTokens, collate
+from pipeline.data.batch import SpecialTokens
+from pipeline.data.masking import Masker, MaskingConfig, collate
 
 SPECIAL = SpecialTokens(bos=0, pad=1, eos=2, unk=3, mask=4)
 VOCAB = 300

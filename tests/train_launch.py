@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.distributed import free_port
+from pipeline.training.distributed import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable

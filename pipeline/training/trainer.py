@@ -22,7 +22,6 @@ The resolved configuration is logged, written to ``RUN_DIR/config.json`` and sav
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
@@ -34,7 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from pipeline.errors import ConfigError
+from pipeline.training.schedule import lr_multiplier
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DS_CONFIG_DIR = REPO_ROOT / "ds_configs"
 DEFAULT_DS_CONFIG = "zero2_fp32.json"
 KIND_LABELS = ("masked", "replaced", "unchanged")
@@ -49,10 +51,6 @@ CONFIG_FILE = "config.json"
 # we log/evaluate/save, and for how long we train (extending a run recomputes the LR schedule's horizon).
 RESUMABLE_CHANGES = ("runtime", "launch", "data.prefix", "data.tokenizer", "training.train_steps",
                      "deepspeed.config_file")
-
-
-class ConfigError(Exception):
-    """An invalid or inconsistent setting; ``str()`` is one line."""
 
 
 # ------------------------------------------------------------------------------------------- configuration
@@ -133,15 +131,6 @@ class RuntimeConfig:
     compile: bool = False
     """``torch.compile`` the Transformer and prediction layers (``model.layers.compile_layers``): an
     implementation setting that leaves parameters and checkpoints unchanged, so a resume may change it."""
-
-
-def lr_multiplier(step_index: int, warmup_steps: int, total_steps: int) -> float:
-    """Multiplier of the peak LR for the ``step_index``-th optimizer step (0-based): linear warm-up to 1 over
-    ``warmup_steps`` steps, then linear decay reaching 0 at ``total_steps`` (Table 4)."""
-    step = step_index + 1
-    if step <= warmup_steps:
-        return step / warmup_steps
-    return max(0.0, (total_steps - step_index) / max(1, total_steps - warmup_steps))
 
 
 def load_recipe(name_or_path: str) -> dict:
@@ -253,7 +242,7 @@ class ResolvedConfig:
     """Everything a run is: the single source every component reads, logged and saved with checkpoints."""
 
     model: Any  # model.config.ModelConfig
-    masking: Any  # pipeline.masking.MaskingConfig
+    masking: Any  # pipeline.data.masking.MaskingConfig
     training: TrainingConfig
     runtime: RuntimeConfig
     deepspeed: dict
@@ -321,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--masking-seed", type=int, help="seed of the corruption [default: --seed]")
     g = parser.add_argument_group("data")
     g.add_argument("--data-prefix", required=True,
-                   help="prefix P written by pipeline.preprocess (P_train.*, P_valid.*, P.meta.json)")
+                   help="prefix P written by pipeline.data.preprocess (P_train.*, P_valid.*, P.meta.json)")
     g.add_argument("--tokenizer", help="tokenizer.json (or its directory); checked against the dataset's meta.json")
     g.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes per rank")
     g = parser.add_argument_group("optimisation (TrainingConfig)")
@@ -388,7 +377,7 @@ def resolve_config(args: argparse.Namespace, world_size: int, dataset_meta: dict
                    accelerator_name: str, fp16_supported: bool, bf16_supported: bool) -> ResolvedConfig:
     """Explicit options > recipe > defaults, validated."""
     from model.config import ModelConfig
-    from pipeline.masking import MaskingConfig
+    from pipeline.data.masking import MaskingConfig
 
     recipe = load_recipe(args.recipe) if args.recipe else {}
     recipe_training = recipe.get("training", {})
@@ -511,8 +500,8 @@ class Trainer:
         from megatron.core import parallel_state
 
         from model.parallel import MegatronMpuForDeepSpeed, initialize_model_parallel
-        from pipeline.distributed import control_group, init_distributed
-        from pipeline.preprocess import check_meta_matches_tokenizer, load_meta
+        from pipeline.training.distributed import control_group, init_distributed
+        from pipeline.data.meta import check_meta_matches_tokenizer, load_meta
 
         self.stop_signal = StopSignal()
         self.launch = init_distributed()
@@ -539,7 +528,7 @@ class Trainer:
         if cfg.runtime.load:
             self.resume = self._find_and_check_resume_point(cfg.runtime.load)
         elif self.run_dir is not None:
-            from pipeline.checkpoint import checkpoints_dir, complete_tags
+            from pipeline.training.checkpoint import checkpoints_dir, complete_tags
             if complete_tags(checkpoints_dir(self.run_dir)):
                 raise ConfigError(f"{self.run_dir} already holds checkpoints; pass --load {self.run_dir} to resume "
                                   "or choose another --save directory")
@@ -575,7 +564,7 @@ class Trainer:
         if self.resume is not None:
             self._load_checkpoint()
 
-        from pipeline.flops import MFU_FWD_BWD_FACTOR, training_flops
+        from pipeline.training.flops import MFU_FWD_BWD_FACTOR, training_flops
 
         # Model FLOPs per optimizer step for the TFLOP/s and MFU logs (forward + 2x backward).
         self.flops_per_step = float(training_flops(cfg.model, training.global_batch_size, training.seq_len,
@@ -586,8 +575,8 @@ class Trainer:
 
     # --- resume ----------------------------------------------------------------------------------------
     def _find_and_check_resume_point(self, load_path: str):
-        from pipeline.checkpoint import (CheckpointError, canonical_json_sha256, config_differences,
-                                         find_resume_point, read_run_config)
+        from pipeline.training.checkpoint import CheckpointError, config_differences, find_resume_point, read_run_config
+        from pipeline.io import canonical_json_sha256
 
         import torch.distributed as dist
 
@@ -624,10 +613,10 @@ class Trainer:
     def _load_checkpoint(self):
         import torch
 
-        from pipeline.checkpoint import CheckpointError
+        from pipeline.training.checkpoint import CheckpointError
 
         point = self.resume
-        # DeepSpeed's ZeRO-3 universal-checkpoint loader (a re-shard, pipeline.universal) gives every optimizer
+        # DeepSpeed's ZeRO-3 universal-checkpoint loader (a re-shard, pipeline.training.universal) gives every optimizer
         # param group the hyper-parameters of the first one, so biases and LayerNorms would be weight-decayed,
         # and it puts one shared `step` tensor into every group's state, which torch's AdamW increments in place
         # once per group per step, so later groups get the wrong bias correction. Measured: losses off by 1e-3
@@ -664,8 +653,8 @@ class Trainer:
         return torch.random.fork_rng(devices=[self.device.index], device_type=self.device.type)
 
     def _build_loader(self, split: str, consumed: int, total: int | None):
-        from pipeline.dataset import build_pretraining_dataloader
-        from pipeline.masking import SpecialTokens
+        from pipeline.data.dataset import build_pretraining_dataloader
+        from pipeline.data.batch import SpecialTokens
 
         cfg = self.config
         special = SpecialTokens(**cfg.dataset_meta["special_tokens"])
@@ -719,7 +708,7 @@ class Trainer:
                 self._log(f"resolved config: {self.run_dir / CONFIG_FILE}")
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 (self.run_dir / STOPPED_BY_SIGNAL_FILE).unlink(missing_ok=True)
-                from pipeline.checkpoint import write_json_atomic
+                from pipeline.io import write_json_atomic
                 write_json_atomic(self.run_dir / CONFIG_FILE, config_dict)
                 metrics_path = self.run_dir / METRICS_FILE
                 _truncate_metrics(metrics_path, self.step)
@@ -812,9 +801,9 @@ class Trainer:
     def save_checkpoint(self) -> str:
         import torch.distributed as dist
 
-        from pipeline.checkpoint import (FORMAT_VERSION, canonical_json_sha256, capture_rng_state,
-                                         checkpoints_dir, commit_checkpoint, partial_tag, prune_checkpoints,
-                                         tag_for_step)
+        from pipeline.training.checkpoint import (FORMAT_VERSION, capture_rng_state, checkpoints_dir,
+                                                  commit_checkpoint, partial_tag, prune_checkpoints, tag_for_step)
+        from pipeline.io import canonical_json_sha256
 
         cfg = self.config
         ckpt_dir = checkpoints_dir(self.run_dir)
@@ -869,7 +858,7 @@ class Trainer:
         import torch
         import torch.distributed as dist
 
-        from pipeline.checkpoint import restore_rng_state
+        from pipeline.training.checkpoint import restore_rng_state
 
         cfg = self.config
         training, runtime = cfg.training, cfg.runtime
@@ -925,7 +914,8 @@ class Trainer:
         if stop_reason is not None:
             message = f"stopped by {stop_reason} at step {self.step}"
             if self.is_rank0 and self.run_dir is not None:
-                from pipeline.checkpoint import tag_for_step, write_json_atomic
+                from pipeline.training.checkpoint import tag_for_step
+                from pipeline.io import write_json_atomic
                 write_json_atomic(self.run_dir / STOPPED_BY_SIGNAL_FILE,
                                   {"signal": stop_reason, "step": self.step, "checkpoint": tag_for_step(self.step)})
             self._log(message + ("; checkpoint saved, resume with --load" if self.run_dir else ""))
@@ -1007,12 +997,12 @@ def _truncate_metrics(path: Path, step: int) -> None:
                 kept.append(line)
         except (ValueError, KeyError, TypeError):
             continue  # a line cut by a crash
-    from pipeline.checkpoint import write_text_atomic
+    from pipeline.io import write_text_atomic
     write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from pipeline.checkpoint import CheckpointError
+    from pipeline.training.checkpoint import CheckpointError
     from pipeline.errors import DataError
 
     args = build_parser().parse_args(argv)

@@ -9,7 +9,7 @@ computed once with numpy and cached next to the data; each epoch visits the sequ
 ``(seed, epoch)``.
 
 ``MaskedPretrainingDataset`` maps a *global* sample index ``g`` (counting across epochs) to a masked sample, so
-the masking (``pipeline.masking.Masker``) runs in DataLoader workers and depends only on ``g``.
+the masking (``pipeline.data.masking.Masker``) runs in DataLoader workers and depends only on ``g``.
 ``PretrainingBatchSampler`` walks ``g`` from the number of consumed samples and gives each data-parallel rank its
 slice of every global micro-batch: a restart with the saved ``consumed_samples`` continues exactly where the
 interrupted run stopped.
@@ -32,8 +32,9 @@ import numpy as np
 import torch
 
 from pipeline.errors import DataError
-from pipeline.masking import MaskedSample, Masker, MaskingCollator, MaskingConfig, SpecialTokens
-from pipeline.preprocess import import_indexed_dataset_module, load_meta, meta_path, split_prefix
+from pipeline.data.batch import SpecialTokens
+from pipeline.data.masking import MaskedSample, Masker, MaskingCollator, MaskingConfig
+from pipeline.data.meta import import_indexed_dataset_module, load_meta, meta_path, split_prefix
 
 _INDEX_HEADER = b"MMIDIDX\x00\x00"
 _INDEX_FIXED_BYTES = 9 + 8 + 1 + 8 + 8  # header, version, dtype code, sequence count, document count
@@ -366,7 +367,7 @@ def build_pretraining_dataloader(prefix: str | os.PathLike, split: str, seq_len:
                                  dp_size: int, consumed_samples: int, num_workers: int, seed: int,
                                  total_samples: int | None = None, drop_last: bool = True,
                                  prefetch_factor: int = 4) -> PretrainingDataLoader:
-    """DataLoader of masked batch dicts (``pipeline.masking`` layout) for one data-parallel rank.
+    """DataLoader of masked batch dicts (``pipeline.data.masking`` layout) for one data-parallel rank.
 
     ``prefix`` is the preprocessing output prefix, ``split`` ``"train"`` or ``"valid"``; ``seed`` shuffles the
     epochs (masks use ``masking.seed``). ``len(loader.dataset.packed)`` is the number of sequences per epoch."""

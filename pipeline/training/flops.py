@@ -24,7 +24,7 @@ with ne = (1 - m r) n (the encoder drops the <mask> tokens) and nd = m r n (3MLc
 ``batch`` sequences costs ``fwd_bwd_factor * batch * forward``. |V| is the tokenizer vocabulary
 (``config.vocab_size``), not the TP-padded one.
 
-CLI: ``python -m pipeline.flops --preset large --arch 3ml-self --rate 0.5 --seq-len 128 --batch 4096
+CLI: ``python -m pipeline flops --preset large --arch 3ml-self --rate 0.5 --seq-len 128 --batch 4096
 --baseline-arch mlm --baseline-rate 0.15 [--json]``.
 """
 
@@ -122,7 +122,7 @@ def _config_from_args(preset: str | None, config_json: str | None, architecture:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.flops", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline flops", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="base", choices=ModelConfig.preset_names())
     parser.add_argument("--config", help="a ModelConfig JSON (e.g. saved with a checkpoint) instead of --preset")
     parser.add_argument("--arch", default="3ml-self", choices=ARCHITECTURES)

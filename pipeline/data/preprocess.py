@@ -1,16 +1,16 @@
 """Tokenize a corpus into megatron-core indexed datasets: ``PREFIX_{train,valid}.{bin,idx}`` + ``PREFIX.meta.json``.
 
-    python -m pipeline.preprocess --input corpus/*.txt --tokenizer tok/tokenizer.json --output-prefix data/wiki \
+    python -m pipeline preprocess --input corpus/*.txt --tokenizer tok/tokenizer.json --output-prefix data/wiki \
         --valid-fraction 0.01 --workers 8
 
 Inputs (chosen by extension, or ``--format``): plain text (documents separated by blank lines, or one per line
 with ``--one-doc-per-line``; ``.gz``/``.xz``/``.bz2`` are decompressed on the fly), JSONL (``--text-key``),
 Parquet (``--text-key``) and directories written by HF ``datasets.save_to_disk``. Each document is one sequence
 (and one document) of the indexed dataset, without special tokens: packing adds ``<s>``/``</s>``
-(``pipeline.dataset``). Token ids are stored as uint16 when the vocabulary allows it, else int32.
+(``pipeline.data.dataset``). Token ids are stored as uint16 when the vocabulary allows it, else int32.
 
-Documents are tokenized in worker processes with ``tiktoken`` when ``pipeline.fast_bpe`` can reproduce the
-tokenizer's ids exactly (byte-level BPE without normalizer: what ``pipeline.tokenizer`` writes; about 5x faster),
+Documents are tokenized in worker processes with ``tiktoken`` when ``pipeline.data.fast_bpe`` can reproduce the
+tokenizer's ids exactly (byte-level BPE without normalizer: what ``pipeline.data.tokenizer`` writes; about 5x faster),
 else with HF ``tokenizers``; one line on stderr says which and why, and the first documents are checked against HF
 tokenizers (a mismatch falls back to it). ``--no-fast-tokenizer`` forces HF tokenizers. The ids are appended to a
 temporary token file, then split into train and valid *by documents* (exactly ``round(fraction * n)`` valid
@@ -21,248 +21,24 @@ are renamed only once everything succeeded: a failure leaves no half-written dat
 from __future__ import annotations
 
 import argparse
-import bz2
-import codecs
-import glob
-import gzip
 import itertools
 import json
-import lzma
 import multiprocessing
 import os
 import re
 import sys
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
+from pipeline.data.corpus import FORMATS, DocumentReader, detect_format, expand_inputs
+from pipeline.data.fast_bpe import FastByteLevelBPE, build_fast_bpe
+from pipeline.data.meta import (META_FORMAT_VERSION, SPLITS, import_indexed_dataset_module, meta_path, split_prefix,
+                                token_dtype)
+from pipeline.data.tokenizer import load_raw_tokenizer, resolve_tokenizer_file, special_tokens, tokenizer_fingerprint
 from pipeline.errors import DataError, exit_on_data_error
-from pipeline.fast_bpe import FastByteLevelBPE, build_fast_bpe
-from pipeline.tokenizer import load_raw_tokenizer, resolve_tokenizer_file, special_tokens, tokenizer_fingerprint
-
-META_FORMAT_VERSION = 1
-SPLITS = ("train", "valid")
-FORMATS = ("auto", "text", "jsonl", "parquet", "hf")
-_COMPRESSED_OPENERS = {".gz": gzip.open, ".xz": lzma.open, ".lzma": lzma.open, ".bz2": bz2.open}
-_REPLACEMENT_CHARACTER_UTF8 = "\ufffd".encode("utf-8")
-
-
-def open_input_binary(path: str | os.PathLike) -> BinaryIO:
-    """Opens a file for binary reading, decompressing ``.gz``, ``.xz``/``.lzma`` and ``.bz2`` transparently."""
-    opener = _COMPRESSED_OPENERS.get(Path(path).suffix.lower(), open)
-    return opener(path, "rb")
-
-
-def import_indexed_dataset_module():
-    """megatron-core's ``indexed_dataset`` module, without the optimizer warnings its package import prints on
-    machines without Transformer Engine / Apex (irrelevant to reading and writing datasets)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
-        from megatron.core.datasets import indexed_dataset
-    return indexed_dataset
-
-
-def token_dtype(vocab_size: int) -> type[np.number]:
-    """Smallest id dtype megatron-core's IndexedDataset supports for this vocabulary (its own rule)."""
-    return np.uint16 if vocab_size < 65500 else np.int32
-
-
-def split_prefix(prefix: str | os.PathLike, split: str) -> str:
-    """``PREFIX_train`` / ``PREFIX_valid``: the path prefix of one split's .bin/.idx pair."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    return f"{prefix}_{split}"
-
-
-def meta_path(prefix: str | os.PathLike) -> Path:
-    return Path(f"{prefix}.meta.json")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Reading documents
-
-
-def detect_format(path: Path) -> str:
-    if path.is_dir():
-        if any((path / marker).is_file() for marker in ("dataset_info.json", "dataset_dict.json", "state.json")):
-            return "hf"
-        raise DataError(f"{path}: directory is not a saved HF datasets directory (no dataset_info.json or "
-                        "dataset_dict.json)")
-    suffixes = [suffix.lower() for suffix in path.suffixes]
-    if suffixes and suffixes[-1] in _COMPRESSED_OPENERS:
-        suffixes = suffixes[:-1]
-    last = suffixes[-1] if suffixes else ""
-    if last in (".jsonl", ".json", ".ndjson"):
-        return "jsonl"
-    if last in (".parquet", ".pq"):
-        return "parquet"
-    return "text"
-
-
-@dataclass
-class ReadStats:
-    """What reading the inputs found, reported in meta.json."""
-
-    documents: int = 0
-    empty_documents: int = 0
-    invalid_utf8_replaced: int = 0
-    text_bytes: int = 0  # UTF-8 bytes of the documents read (after decompression)
-    invalid_utf8_by_file: dict[str, int] = field(default_factory=dict)
-
-
-class DocumentReader:
-    """Yields the documents of the inputs as stripped strings, skipping (and counting) empty ones."""
-
-    def __init__(self, inputs: Sequence[Path], input_format: str, text_key: str, one_doc_per_line: bool,
-                 replace_invalid: bool):
-        self.inputs = list(inputs)
-        self.input_format = input_format
-        self.text_key = text_key
-        self.one_doc_per_line = one_doc_per_line
-        self.replace_invalid = replace_invalid
-        self.stats = ReadStats()
-
-    def __iter__(self) -> Iterator[str]:
-        for path in self.inputs:
-            input_format = detect_format(path) if self.input_format == "auto" else self.input_format
-            reader = {"text": self._text, "jsonl": self._jsonl, "parquet": self._parquet, "hf": self._hf}[input_format]
-            for document in reader(path):
-                document = document.strip() if document is not None else ""
-                if not document:
-                    self.stats.empty_documents += 1
-                    continue
-                self.stats.documents += 1
-                yield document
-
-    def _decode(self, path: Path, raw_line: bytes, line_start: int) -> str:
-        try:
-            return raw_line.decode("utf-8")
-        except UnicodeDecodeError as error:
-            offset = line_start + error.start
-            where = " of the decompressed text" if path.suffix.lower() in _COMPRESSED_OPENERS else ""
-            if not self.replace_invalid:
-                raise DataError(f"{path}: invalid UTF-8 at byte {offset}{where}; pass --replace-invalid to replace "
-                                "invalid bytes with U+FFFD") from None
-            text = raw_line.decode("utf-8", errors="replace")
-            replaced = text.count("\ufffd") - raw_line.count(_REPLACEMENT_CHARACTER_UTF8)
-            self.stats.invalid_utf8_replaced += replaced
-            self.stats.invalid_utf8_by_file[str(path)] = self.stats.invalid_utf8_by_file.get(str(path), 0) + replaced
-            return text
-
-    def _lines(self, path: Path) -> Iterator[tuple[int, str]]:
-        """(line number from 1, decoded line) of a text or JSONL file."""
-        offset = 0
-        with open_input_binary(path) as stream:
-            try:
-                for line_number, raw_line in enumerate(stream, start=1):
-                    if line_number == 1 and raw_line.startswith(codecs.BOM_UTF8):  # a BOM is not text
-                        yield line_number, self._decode(path, raw_line[len(codecs.BOM_UTF8):], len(codecs.BOM_UTF8))
-                    else:
-                        yield line_number, self._decode(path, raw_line, offset)
-                    offset += len(raw_line)
-                    self.stats.text_bytes += len(raw_line)
-            except (OSError, EOFError, lzma.LZMAError) as error:
-                raise DataError(f"{path}: cannot read ({error})") from None
-
-    def _text(self, path: Path) -> Iterator[str]:
-        if self.one_doc_per_line:
-            for _, line in self._lines(path):
-                yield line
-            return
-        paragraph: list[str] = []
-        for _, line in self._lines(path):
-            if line.strip():
-                paragraph.append(line)
-            elif paragraph:
-                yield "".join(paragraph)
-                paragraph = []
-        if paragraph:
-            yield "".join(paragraph)
-
-    def _jsonl(self, path: Path) -> Iterator[str]:
-        for line_number, line in self._lines(path):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}:{line_number}: invalid JSON ({error.msg})") from None
-            if not isinstance(record, dict) or self.text_key not in record:
-                raise DataError(f"{path}:{line_number}: no {self.text_key!r} field (set --text-key)")
-            yield self._check_text(path, record[self.text_key], f"line {line_number}")
-
-    def _check_text(self, path: Path, value, where: str) -> str:
-        if value is None:
-            return ""
-        if not isinstance(value, str):
-            raise DataError(f"{path}: {where}: {self.text_key!r} is a {type(value).__name__}, expected a string")
-        return value
-
-    def _count_bytes(self, texts: list) -> None:
-        self.stats.text_bytes += sum(len(text.encode("utf-8")) for text in texts if isinstance(text, str))
-
-    def _parquet(self, path: Path) -> Iterator[str]:
-        import pyarrow.parquet as pq
-
-        try:
-            parquet = pq.ParquetFile(path)
-        except Exception as error:  # pyarrow raises ArrowInvalid / OSError for non-Parquet files
-            raise DataError(f"{path}: not a readable Parquet file ({error})") from None
-        if self.text_key not in parquet.schema_arrow.names:
-            raise DataError(f"{path}: no column {self.text_key!r} (columns: {', '.join(parquet.schema_arrow.names)}; "
-                            "set --text-key)")
-        row = 0
-        for batch in parquet.iter_batches(batch_size=1024, columns=[self.text_key]):
-            texts = batch.column(0).to_pylist()
-            self._count_bytes(texts)
-            for text in texts:
-                row += 1
-                yield self._check_text(path, text, f"row {row}")
-
-    def _hf(self, path: Path) -> Iterator[str]:
-        import datasets
-
-        try:
-            loaded = datasets.load_from_disk(str(path))
-        except Exception as error:  # datasets raises FileNotFoundError / various for damaged directories
-            raise DataError(f"{path}: cannot load the saved HF dataset ({error})") from None
-        parts = [loaded[name] for name in loaded] if isinstance(loaded, datasets.DatasetDict) else [loaded]
-        for part in parts:
-            if self.text_key not in part.column_names:
-                raise DataError(f"{path}: no column {self.text_key!r} (columns: {', '.join(part.column_names)}; "
-                                "set --text-key)")
-            row = 0
-            for batch in part.select_columns([self.text_key]).iter(batch_size=1024):
-                texts = batch[self.text_key]
-                self._count_bytes(texts)
-                for text in texts:
-                    row += 1
-                    yield self._check_text(path, text, f"row {row}")
-
-
-def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Input paths with shell-style globs expanded; DataError for a missing or empty input."""
-    paths: list[Path] = []
-    for item in inputs:
-        item = str(item)
-        if glob.has_magic(item):
-            matches = sorted(glob.glob(item))
-            if not matches:
-                raise DataError(f"{item}: no input file matches this pattern")
-            paths.extend(Path(match) for match in matches)
-        else:
-            paths.append(Path(item))
-    if not paths:
-        raise DataError("no input files given")
-    for path in paths:
-        if not path.exists():
-            raise DataError(f"{path}: input not found")
-        if path.is_file() and path.stat().st_size == 0:
-            raise DataError(f"{path}: input file is empty")
-    return paths
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -394,7 +170,7 @@ class PreprocessConfig:
     replace_invalid: bool = False
     """Replace invalid UTF-8 with U+FFFD (counted, warned) instead of failing."""
     fast_tokenizer: bool = True
-    """Encode with tiktoken when it provably gives the same ids as HF tokenizers (``pipeline.fast_bpe``; about 5x
+    """Encode with tiktoken when it provably gives the same ids as HF tokenizers (``pipeline.data.fast_bpe``; about 5x
     faster), else with HF tokenizers."""
     show_progress: bool = True
 
@@ -542,7 +318,7 @@ def preprocess(config: PreprocessConfig) -> dict:
         meta_path(prefix).unlink(missing_ok=True)
         for final in finals:
             os.replace(temporaries[final], final)
-        # Packing indices cached by pipeline.dataset describe the replaced .idx files: drop them rather than
+        # Packing indices cached by pipeline.data.dataset describe the replaced .idx files: drop them rather than
         # let them pile up (they are keyed by the .idx identity, so they would never be used again).
         for split in SPLITS:
             for stale in Path(split_prefix(prefix, split)).parent.glob(
@@ -561,53 +337,11 @@ def preprocess(config: PreprocessConfig) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# meta.json
-
-
-def load_meta(prefix: str | os.PathLike) -> dict:
-    """The meta.json written next to a preprocessed dataset; DataError if missing or unreadable."""
-    path = meta_path(prefix)
-    if not path.is_file():
-        raise DataError(f"{path}: dataset metadata not found (was {prefix} written by pipeline.preprocess?)")
-    try:
-        with open(path, encoding="utf-8") as stream:
-            meta = json.load(stream)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DataError(f"{path}: corrupt metadata ({error})") from None
-    if not isinstance(meta, dict) or meta.get("format_version") != META_FORMAT_VERSION:
-        raise DataError(f"{path}: unsupported metadata format (expected format_version {META_FORMAT_VERSION})")
-    return meta
-
-
-def check_meta_matches_tokenizer(prefix: str | os.PathLike, tokenizer_path: str | os.PathLike,
-                                 check_fingerprint: bool = True) -> dict:
-    """Raises DataError if the dataset at ``prefix`` was tokenized with another vocabulary (size, special ids
-    or, with ``check_fingerprint``, a different tokenizer.json); returns the metadata."""
-    meta = load_meta(prefix)
-    tokenizer_file = resolve_tokenizer_file(tokenizer_path)
-    tokenizer = load_raw_tokenizer(tokenizer_file)
-    path = meta_path(prefix)
-    recorded = meta["tokenizer"]
-    if recorded["vocab_size"] != tokenizer.get_vocab_size():
-        raise DataError(f"{path}: dataset vocab size {recorded['vocab_size']} differs from tokenizer "
-                        f"{tokenizer_file} ({tokenizer.get_vocab_size()})")
-    special = special_tokens(tokenizer)
-    actual = {"bos": special.bos, "pad": special.pad, "eos": special.eos, "unk": special.unk, "mask": special.mask}
-    if meta["special_tokens"] != actual:
-        raise DataError(f"{path}: dataset special token ids {meta['special_tokens']} differ from tokenizer "
-                        f"{tokenizer_file} ({actual})")
-    if check_fingerprint and recorded["sha256"] != tokenizer_fingerprint(tokenizer_file):
-        raise DataError(f"{path}: dataset was tokenized with a different tokenizer.json than {tokenizer_file} "
-                        f"(sha256 {recorded['sha256'][:12]}... vs {tokenizer_fingerprint(tokenizer_file)[:12]}...)")
-    return meta
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # CLI
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.preprocess", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline preprocess", description=__doc__.splitlines()[0])
     parser.add_argument("--input", nargs="+", required=True,
                         help="text/JSONL/Parquet files, globs, or saved HF datasets directories")
     parser.add_argument("--tokenizer", required=True, help="tokenizer.json or a directory holding one")

@@ -5,11 +5,11 @@ load it back with the same DP size. When a run loses (or gains) nodes, one comma
 checkpoint for the new world size; training then resumes from it with the usual ``--load``:
 
     # the new world: N processes, launched like training (torchrun / srun / mpirun; one process: plain python)
-    torchrun --nproc_per_node N -m pipeline.universal OLD_RUN_DIR --output NEW_RUN_DIR [--tag step_...]
+    torchrun --nproc_per_node N -m pipeline.training.universal OLD_RUN_DIR --output NEW_RUN_DIR [--tag step_...]
     torchrun --nproc_per_node N run_pretrain.py SAME_ARGS... --load NEW_RUN_DIR --save NEW_RUN_DIR
 
 ``--output`` may be the old run directory itself: the checkpoint is then replaced in place (atomically, by
-``pipeline.checkpoint.commit_checkpoint``). The slurm launcher does this automatically when the job has a
+``pipeline.training.checkpoint.commit_checkpoint``). The slurm launcher does this automatically when the job has a
 different number of tasks than the checkpoint's world (``slurm/launch.sh``, ``RESHARD_ON_WORLD_CHANGE``).
 
 How (all DeepSpeed's own machinery):
@@ -17,7 +17,7 @@ How (all DeepSpeed's own machinery):
 1. rank 0 converts the checkpoint to the universal format with ``deepspeed.checkpoint.ds_to_universal``
    (per-parameter fp32 weights and Adam moments, merged over the DP partitions);
 2. every rank builds the model and the DeepSpeed engine exactly as ``run_pretrain.py`` would for the new world
-   (``pipeline.train.resolve_config`` on the checkpoint's own configuration), loads the universal checkpoint
+   (``pipeline.training.trainer.resolve_config`` on the checkpoint's own configuration), loads the universal checkpoint
    with ``checkpoint.load_universal`` (which re-partitions the optimizer state for the new DP size) and the LR
    scheduler state;
 3. it saves a native checkpoint for the new world with the same step and ``consumed_samples`` (the data
@@ -41,8 +41,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Sequence
 
+from pipeline.errors import PipelineError
 
-class UniversalError(Exception):
+
+class UniversalError(PipelineError):
     """A checkpoint that cannot be re-sharded; ``str()`` is one line."""
 
 
@@ -137,10 +139,12 @@ def reshard(source: str | os.PathLike, output: str | os.PathLike, tag: str | Non
 
     from model import build_model
     from model.parallel import MegatronMpuForDeepSpeed, initialize_model_parallel
-    from pipeline.checkpoint import (CheckpointError, canonical_json_sha256, capture_rng_state, checkpoints_dir,
-                                     commit_checkpoint, find_resume_point, partial_tag, read_run_config)
-    from pipeline.distributed import control_group, init_distributed
-    from pipeline.train import build_parser, lr_multiplier, resolve_config
+    from pipeline.training.checkpoint import (CheckpointError, capture_rng_state, checkpoints_dir, commit_checkpoint,
+                                              find_resume_point, partial_tag, read_run_config)
+    from pipeline.io import canonical_json_sha256
+    from pipeline.training.distributed import control_group, init_distributed
+    from pipeline.training.schedule import lr_multiplier
+    from pipeline.training.trainer import build_parser, resolve_config
 
     source, output = Path(source), Path(output)
     try:
@@ -236,7 +240,7 @@ def reshard(source: str | os.PathLike, output: str | os.PathLike, tag: str | Non
 
 def _carry_metrics(source: Path, output: Path, step: int) -> None:
     """A new run directory continues the old one's metrics history (up to the checkpoint's step)."""
-    from pipeline.checkpoint import write_text_atomic
+    from pipeline.io import write_text_atomic
 
     old, new = source / "metrics.jsonl", output / "metrics.jsonl"
     if source.resolve() == output.resolve() or not old.is_file():
@@ -253,7 +257,7 @@ def _carry_metrics(source: Path, output: Path, step: int) -> None:
 
 def checkpoint_world_size(run_dir: str | os.PathLike) -> int | None:
     """World size of the newest intact checkpoint under ``run_dir`` (None if there is none)."""
-    from pipeline.checkpoint import find_resume_point, read_run_config
+    from pipeline.training.checkpoint import find_resume_point, read_run_config
 
     point = find_resume_point(run_dir, check_hashes=False)
     if point is None:
@@ -263,7 +267,7 @@ def checkpoint_world_size(run_dir: str | os.PathLike) -> int | None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.universal",
+        prog="python -m pipeline reshard",
         description="Re-shard a run's checkpoint for the current number of ranks (DeepSpeed universal "
                     "checkpoint); launch with the new world like training, then resume with --load OUTPUT.")
     parser.add_argument("source", help="run directory, its checkpoints/ directory or one checkpoint tag dir")
@@ -275,8 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from pipeline.checkpoint import CheckpointError
-    from pipeline.train import ConfigError
+    from pipeline.training.checkpoint import CheckpointError
+    from pipeline.training.trainer import ConfigError
 
     args = build_parser().parse_args(argv)
     try:

@@ -1,6 +1,6 @@
-"""Loss and perplexity curves of a pre-training run: ``python -m pipeline.report RUN_DIR [--output PNG]``.
+"""Loss and perplexity curves of a pre-training run: ``python -m pipeline report RUN_DIR [--output PNG]``.
 
-Reads ``RUN_DIR/metrics.jsonl`` (written by ``pipeline.train``) and draws, side by side, the training loss (with
+Reads ``RUN_DIR/metrics.jsonl`` (written by ``pipeline.training.trainer``) and draws, side by side, the training loss (with
 the validation loss on top) and the validation perplexity of masked, replaced and unchanged tokens. Writes
 ``RUN_DIR/loss_curves.png`` unless ``--output`` says otherwise.
 """
@@ -13,11 +13,13 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from pipeline.errors import PipelineError
+
 KINDS = ("masked", "replaced", "unchanged")
 DEFAULT_PNG = "loss_curves.png"
 
 
-class ReportError(Exception):
+class ReportError(PipelineError):
     """No usable metrics; ``str()`` is one line naming the file."""
 
 
@@ -89,7 +91,7 @@ def summary(run_dir: str | Path) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.report", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline report", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", help="run directory (run_pretrain.py --save)")
     parser.add_argument("--output", help=f"PNG path [default: RUN_DIR/{DEFAULT_PNG}]")
     args = parser.parse_args(argv)

@@ -1,8 +1,8 @@
 """Byte-level BPE tokenizer with RoBERTa's special tokens: train one, import GPT-2/RoBERTa files, load it.
 
-``python -m pipeline.tokenizer train --input corpus.txt --vocab-size 32000 --output tok/tokenizer.json`` trains a
+``python -m pipeline tokenizer train --input corpus.txt --vocab-size 32000 --output tok/tokenizer.json`` trains a
 byte-level BPE (HF ``tokenizers``) whose first five ids are ``<s> <pad> </s> <unk> <mask>`` (0..4, as in
-RoBERTa). ``python -m pipeline.tokenizer import --vocab vocab.json --merges merges.txt --output ...`` converts
+RoBERTa). ``python -m pipeline tokenizer import --vocab vocab.json --merges merges.txt --output ...`` converts
 GPT-2/RoBERTa files, adding the special tokens the vocabulary lacks. Either way the result is one
 ``tokenizer.json`` with a RoBERTa post-processor that ``transformers.PreTrainedTokenizerFast`` loads.
 """
@@ -10,15 +10,15 @@ GPT-2/RoBERTa files, adding the special tokens the vocabulary lacks. Either way 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from pipeline.io import file_sha256
 from pipeline.errors import DataError, exit_on_data_error
-from pipeline.masking import SpecialTokens
+from pipeline.data.batch import SpecialTokens
 
 BOS, PAD, EOS, UNK, MASK = "<s>", "<pad>", "</s>", "<unk>", "<mask>"
 # Order matters: trained tokenizers get these ids 0..4, like RoBERTa's.
@@ -37,11 +37,7 @@ def resolve_tokenizer_file(path: str | os.PathLike) -> Path:
 
 def tokenizer_fingerprint(path: str | os.PathLike) -> str:
     """sha256 (hex) of the tokenizer.json bytes: recorded in a dataset's meta.json and checked against it."""
-    digest = hashlib.sha256()
-    with open(resolve_tokenizer_file(path), "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_sha256(resolve_tokenizer_file(path))
 
 
 def load_raw_tokenizer(path: str | os.PathLike):
@@ -129,8 +125,7 @@ class TrainConfig:
 def _training_texts(files: Sequence[str | os.PathLike], text_key: str, batch_size: int = 1000
                     ) -> Iterator[list[str]]:
     """Batches of the inputs' text (lines of text files; the ``text_key`` of JSONL, Parquet, HF datasets)."""
-    # Lazy import: preprocess imports this module.
-    from pipeline.preprocess import DocumentReader
+    from pipeline.data.corpus import DocumentReader
 
     reader = DocumentReader([Path(file) for file in files], "auto", text_key, one_doc_per_line=True,
                             replace_invalid=True)
@@ -147,7 +142,7 @@ def _training_texts(files: Sequence[str | os.PathLike], text_key: str, batch_siz
 def train_tokenizer(files: Sequence[str | os.PathLike], output: str | os.PathLike,
                     config: TrainConfig = TrainConfig(), show_progress: bool = False, text_key: str = "text") -> Path:
     """Trains a byte-level BPE on the inputs and writes tokenizer.json; returns its path. Inputs are read like
-    ``pipeline.preprocess`` reads them: plain text (also .gz/.xz/.bz2), JSONL / Parquet (field ``text_key``), saved
+    ``pipeline.data.preprocess`` reads them: plain text (also .gz/.xz/.bz2), JSONL / Parquet (field ``text_key``), saved
     HF datasets directories; invalid UTF-8 is replaced."""
     from tokenizers import ByteLevelBPETokenizer
 
@@ -199,7 +194,7 @@ def import_tokenizer(vocab_file: str | os.PathLike, merges_file: str | os.PathLi
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.tokenizer", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline tokenizer", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train a byte-level BPE on text files")
     train.add_argument("--input", nargs="+", required=True,

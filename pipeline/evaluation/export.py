@@ -1,9 +1,9 @@
 """Export a pre-training checkpoint to Hugging Face: the encoder as RoBERTa, optionally the whole 3ML model.
 
-    python -m pipeline.export CKPT --output HF_DIR [--tag step_00001000] [--with-decoder] [--tokenizer T]
+    python -m pipeline export CKPT --output HF_DIR [--tag step_00001000] [--with-decoder] [--tokenizer T]
 
 ``CKPT`` is a run directory (``--save`` of run_pretrain.py), its ``checkpoints/`` directory or one checkpoint tag
-directory; without ``--tag`` the newest intact checkpoint is used (``pipeline.checkpoint.find_resume_point``).
+directory; without ``--tag`` the newest intact checkpoint is used (``pipeline.training.checkpoint.find_resume_point``).
 
 Weights, for any ZeRO stage and tensor-parallel (TP) size:
 
@@ -45,11 +45,13 @@ from typing import Sequence
 
 import torch
 
+from pipeline.errors import PipelineError
+
 FULL_MODEL_SUBDIR = "3ml"
 EXPORT_INFO_FILE = "export_info.json"
 
 
-class ExportError(Exception):
+class ExportError(PipelineError):
     """A checkpoint that cannot be exported; ``str()`` is one line naming the file."""
 
 
@@ -62,7 +64,7 @@ def _first_line(error: BaseException) -> str:
 
 def locate_checkpoint(path: str | os.PathLike, tag: str | None = None):
     """The ``ResumePoint`` (checkpoints dir + tag) to export: ``--tag`` in ``path``, else the newest intact one."""
-    from pipeline.checkpoint import CheckpointError, checkpoints_dir, find_resume_point
+    from pipeline.training.checkpoint import CheckpointError, checkpoints_dir, find_resume_point
 
     path = Path(path)
     if not path.exists():
@@ -134,7 +136,7 @@ def load_merged_state_dict(tag_dir: str | os.PathLike, run_config: dict | None =
     """The full (TP-merged, ZeRO-consolidated) fp32 state dict of a checkpoint tag directory, with the
     parameter names of ``model.PretrainingModel``."""
     from model import merge_tensor_parallel_shards
-    from pipeline.checkpoint import read_run_config
+    from pipeline.training.checkpoint import read_run_config
 
     tag_dir = Path(tag_dir)
     run_config = read_run_config(tag_dir) if run_config is None else run_config
@@ -249,7 +251,7 @@ def _tokenizer_path(run_config: dict, override: str | None) -> Path | None:
 
 def _write_tokenizer(tokenizer_path: Path, expected_sha256: str | None, output: Path, max_length: int) -> dict:
     from pipeline.errors import DataError
-    from pipeline.tokenizer import load_tokenizer, special_tokens, tokenizer_fingerprint
+    from pipeline.data.tokenizer import load_tokenizer, special_tokens, tokenizer_fingerprint
 
     try:
         fingerprint = tokenizer_fingerprint(tokenizer_path)
@@ -272,7 +274,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, 
     from safetensors.torch import save_file
 
     from model import ModelConfig
-    from pipeline.checkpoint import CheckpointError, read_run_config
+    from pipeline.training.checkpoint import CheckpointError, read_run_config
 
     point = locate_checkpoint(checkpoint, tag)
     tag_dir = point.tag_dir
@@ -361,7 +363,7 @@ def load_full_model(export_dir: str | os.PathLike):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.export",
+        prog="python -m pipeline export",
         description="Export a DeepSpeed pre-training checkpoint (any ZeRO stage, any TP size) to a Hugging Face "
                     "RoBERTa directory (encoder only), optionally with the full 3ML model.")
     parser.add_argument("checkpoint", help="run directory, its checkpoints/ directory, or one checkpoint tag dir")

@@ -1,8 +1,8 @@
 """Downstream evaluation: fine-tune an exported encoder on GLUE-style tasks with the paper's protocol.
 
-    python -m pipeline.finetune --model EXPORT_DIR --data-dir glue_data --tasks all --grid paper --seeds 5 \\
+    python -m pipeline finetune --model EXPORT_DIR --data-dir glue_data --tasks all --grid paper --seeds 5 \\
         --output-dir results/glue
-    python -m pipeline.finetune --model EXPORT_DIR --train-file train.jsonl --dev-file dev.jsonl \\
+    python -m pipeline finetune --model EXPORT_DIR --train-file train.jsonl --dev-file dev.jsonl \\
         --text-fields sentence --label-field label --lr 1e-4 --batch-size 16 --epochs 3 --seeds 3 --output-dir out
 
 Protocol (paper, §3.1 and Appendix B / Table 5): every task is fine-tuned over a hyper-parameter grid
@@ -47,11 +47,13 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from pipeline import glue
-from pipeline.glue import GlueDataError, TaskData, TaskSpec
+from pipeline.errors import PipelineError
+
+from pipeline.evaluation import glue
+from pipeline.evaluation.glue import GlueDataError, TaskData, TaskSpec
 
 
-class FinetuneError(ValueError):
+class FinetuneError(PipelineError, ValueError):
     """A bad fine-tuning setting (model directory, grid, precision); the message is one line."""
 
 
@@ -84,7 +86,7 @@ TASKS_FROM_MNLI = ("RTE", "STS-B", "MRPC")
 
 @dataclass
 class FinetuneConfig:
-    """Settings of one ``pipeline.finetune`` invocation."""
+    """Settings of one ``pipeline.evaluation.finetune`` invocation."""
 
     model_path: str  # exported Hugging Face directory (config.json, model.safetensors, tokenizer files)
     output_dir: str  # results.json, results.md and optional best models go here
@@ -828,7 +830,7 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.finetune",
+        prog="python -m pipeline finetune",
         description="Fine-tune an exported encoder on GLUE-style tasks; median over seeds of best dev scores.",
     )
     parser.add_argument("--model", required=True, help="exported Hugging Face model directory")

@@ -1,4 +1,4 @@
-"""An exact ``tiktoken`` fast path for the byte-level BPE tokenizers of ``pipeline.tokenizer``.
+"""An exact ``tiktoken`` fast path for the byte-level BPE tokenizers of ``pipeline.data.tokenizer``.
 
 HF ``tokenizers`` encodes about 2-3 MB of text per CPU second here; ``tiktoken`` (Rust, rank-based BPE) encodes the
 same vocabulary 5x faster. ``build_fast_bpe(tokenizer)`` returns a ``FastByteLevelBPE`` that gives exactly the ids

@@ -27,7 +27,6 @@ wrong with the newer one. The layout assumes the checkpoint directory is a file 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -40,6 +39,9 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
+from pipeline.errors import PipelineError
+from pipeline.io import file_sha256, fsync_dir, write_json_atomic, write_text_atomic
+
 CHECKPOINTS_SUBDIR = "checkpoints"
 LATEST_FILE = "latest"
 MANIFEST_FILE = "manifest.json"
@@ -48,14 +50,14 @@ PARTIAL_PREFIX = ".partial-"
 FORMAT_VERSION = 1
 TAG_PATTERN = re.compile(r"^step_(\d+)$")
 
-# Keys of the DeepSpeed client state (top-level keys of every *_model_states.pt) written by pipeline.train.
+# Keys of the DeepSpeed client state (top-level keys of every *_model_states.pt) written by pipeline.training.trainer.
 CLIENT_STATE_KEYS = (
     "format_version",  # FORMAT_VERSION
     "step",  # optimizer steps done
     "consumed_samples",  # training samples consumed (global, all DP ranks): where the sampler restarts
     "data_epoch",  # epoch of the next training sample (consumed_samples // samples per epoch)
     "rng_states",  # list indexed by global rank: python/numpy/torch/accelerator/TP-tracker states
-    "config",  # the full resolved config (pipeline.train.ResolvedConfig.to_dict())
+    "config",  # the full resolved config (pipeline.training.trainer.ResolvedConfig.to_dict())
     "tokenizer_fingerprint",  # sha256 of tokenizer.json
     "dataset_meta",  # the content of the dataset's meta.json
     "dataset_fingerprint",  # sha256 of the canonical JSON of dataset_meta
@@ -63,7 +65,7 @@ CLIENT_STATE_KEYS = (
 )
 
 
-class CheckpointError(Exception):
+class CheckpointError(PipelineError):
     """A checkpoint that cannot be used (missing, corrupt, incompatible); ``str()`` is one line."""
 
 
@@ -84,53 +86,6 @@ def partial_tag(tag: str) -> str:
     return PARTIAL_PREFIX + tag
 
 
-def canonical_json_sha256(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Writes JSON to ``path`` so that readers see the old file or the new one, never a prefix."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as handle:
-        json.dump(obj, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def build_manifest(tag_dir: Path, step: int) -> dict:
     files = {}
     for path in sorted(p for p in Path(tag_dir).rglob("*") if p.is_file() and p.name != MANIFEST_FILE):
@@ -147,14 +102,14 @@ def commit_checkpoint(ckpt_dir: Path, tag: str, step: int, run_config: dict) -> 
     final = ckpt_dir / tag
     write_json_atomic(partial / RUN_CONFIG_FILE, run_config)
     write_json_atomic(partial / MANIFEST_FILE, build_manifest(partial, step))
-    _fsync_dir(partial)
+    fsync_dir(partial)
     if final.exists():  # the same step saved again (e.g. a signal right after a periodic save)
         stale = ckpt_dir / f"{PARTIAL_PREFIX}stale-{tag}"
         shutil.rmtree(stale, ignore_errors=True)
         os.replace(final, stale)
         shutil.rmtree(stale, ignore_errors=True)
     os.replace(partial, final)
-    _fsync_dir(ckpt_dir)
+    fsync_dir(ckpt_dir)
     write_text_atomic(ckpt_dir / LATEST_FILE, tag)
     return final
 
