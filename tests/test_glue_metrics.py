@@ -1,13 +1,17 @@
-"""GLUE metrics against hand-computed values (including degenerate cases), the GLUE TSV layouts of every task,
+"""GLUE metrics against hand-computed values and against scikit-learn / scipy (including degenerate cases), the GLUE TSV layouts of every task,
 generic CSV/TSV/JSONL files, and clear errors for bad inputs."""
 
 from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
+import scipy.stats
+import sklearn.metrics
 
 from pipeline.evaluation import glue
 from pipeline.evaluation.glue import GlueDataError
@@ -75,6 +79,91 @@ def test_correlation_degenerate_is_zero_not_nan():
     assert glue.pearson([2.0, 2.0, 2.0], [1.0, 2.0, 3.0]) == 0.0
     assert glue.spearman([2.0, 2.0, 2.0], [1.0, 2.0, 3.0]) == 0.0
     assert glue.pearson([1.0], [5.0]) == 0.0
+
+
+RANDOM_CASES = [(seed, size) for seed in range(6) for size in (2, 3, 17, 200)]
+
+
+@pytest.mark.filterwarnings("ignore:A single label was found")  # the reference call on one-class inputs
+@pytest.mark.parametrize("seed,size", RANDOM_CASES)
+def test_classification_metrics_equal_scikit_learn_on_random_inputs(seed, size):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, size)
+    predictions = rng.integers(0, 2, size)
+    assert glue.f1_binary(predictions, labels) == pytest.approx(
+        sklearn.metrics.f1_score(labels, predictions, zero_division=0.0), abs=1e-12)
+    assert glue.matthews_corrcoef(predictions, labels) == pytest.approx(
+        sklearn.metrics.matthews_corrcoef(labels, predictions), abs=1e-12)
+    # Three classes (MNLI's label count).
+    labels3, predictions3 = rng.integers(0, 3, size), rng.integers(0, 3, size)
+    assert glue.matthews_corrcoef(predictions3, labels3) == pytest.approx(
+        sklearn.metrics.matthews_corrcoef(labels3, predictions3), abs=1e-12)
+    assert glue.accuracy(predictions3, labels3) == pytest.approx(
+        sklearn.metrics.accuracy_score(labels3, predictions3), abs=1e-12)
+
+
+@pytest.mark.parametrize("seed,size", RANDOM_CASES)
+def test_correlations_equal_scipy_on_random_inputs(seed, size):
+    rng = np.random.default_rng(seed)
+    labels = rng.uniform(0, 5, size)
+    predictions = labels + rng.normal(0, 2.0, size)
+    assert glue.pearson(predictions, labels) == pytest.approx(
+        scipy.stats.pearsonr(predictions, labels).statistic, abs=1e-12)
+    assert glue.spearman(predictions, labels) == pytest.approx(
+        scipy.stats.spearmanr(predictions, labels).statistic, abs=1e-12)
+    # STS-B labels have many ties (scores on a 0.2 grid): ranks are averaged as scipy does.
+    tied_labels = np.round(labels * 5) / 5
+    tied_predictions = np.round(predictions)
+    if len(set(tied_predictions)) > 1 and len(set(tied_labels)) > 1:
+        assert glue.spearman(tied_predictions, tied_labels) == pytest.approx(
+            scipy.stats.spearmanr(tied_predictions, tied_labels).statistic, abs=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:A single label was found")  # the reference call on one-class inputs
+@pytest.mark.parametrize("predictions,labels", [
+    ([1, 1, 1, 1], [0, 1, 0, 1]),  # constant predictions
+    ([0, 1, 0, 1], [1, 1, 1, 1]),  # constant labels
+    ([0, 0, 0], [0, 0, 0]),  # no positives anywhere
+    ([1], [1]),
+    ([0], [1]),
+])
+def test_degenerate_classification_is_zero_as_documented_and_as_scikit_learn(predictions, labels):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the library path must not warn either
+        mcc = glue.matthews_corrcoef(predictions, labels)
+        f1 = glue.f1_binary(predictions, labels)
+    assert mcc == 0.0 == sklearn.metrics.matthews_corrcoef(labels, predictions)
+    expected_f1 = sklearn.metrics.f1_score(labels, predictions, zero_division=0.0)
+    assert f1 == expected_f1
+    if not any(predictions) and not any(labels):
+        assert f1 == 0.0
+
+
+@pytest.mark.parametrize("predictions,labels", [
+    ([2.0, 2.0, 2.0], [1.0, 2.0, 3.0]),  # constant predictions: scipy gives nan and a warning
+    ([1.0, 2.0, 3.0], [0.1, 0.1, 0.1]),  # constant labels
+    ([3.0], [5.0]),  # one value: scipy raises
+])
+def test_degenerate_correlations_are_zero_where_scipy_gives_nan(predictions, labels):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert glue.pearson(predictions, labels) == 0.0
+        assert glue.spearman(predictions, labels) == 0.0
+    if len(predictions) >= 2:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert math.isnan(scipy.stats.pearsonr(predictions, labels).statistic)
+
+
+def test_correlations_of_a_diverged_run_are_nan():
+    # A regression run whose predictions overflowed: nan, which run selection (rank_key) ranks last.
+    assert math.isnan(glue.pearson([1.0, float("nan"), 2.0], [1.0, 2.0, 3.0]))
+    assert math.isnan(glue.spearman([1.0, float("inf"), 2.0], [1.0, 2.0, 3.0]))
+
+
+def test_f1_treats_every_other_label_as_negative():
+    # The positive class against the rest: label 2 counts as negative, like 0.
+    assert glue.f1_binary([1, 2, 0, 1], [1, 0, 2, 0]) == pytest.approx(2 * 1 / (2 * 1 + 1 + 0))
 
 
 def test_metric_input_errors():

@@ -19,7 +19,8 @@ skipped and counted, as the reference GLUE loaders do. Generic ``.csv``/``.tsv``
 quoting (what pandas and spreadsheets write) and must have a header row; ``.jsonl`` files hold one JSON object per
 line.
 
-Metrics return fractions in [0, 1] (correlations in [-1, 1]). Degenerate cases follow one rule: a statistic whose
+Metrics return fractions in [0, 1] (correlations in [-1, 1]); Matthews correlation and F1 are scikit-learn's,
+Pearson and Spearman scipy's. Degenerate cases follow one rule: a statistic whose
 denominator is zero is reported as 0.0, never nan, so that run selection and averages stay well defined:
 Matthews correlation with constant predictions or constant labels (scikit-learn's convention), F1 with no
 positive predictions and no positive labels, Pearson/Spearman when either side is constant or has fewer than two
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 import sys
@@ -38,9 +40,12 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-from scipy.stats import rankdata
+import scipy.stats
+import sklearn.metrics
 
 from pipeline.errors import DataError
+
+logger = logging.getLogger(__name__)
 
 
 class GlueDataError(DataError, ValueError):
@@ -74,51 +79,45 @@ def accuracy(predictions: Sequence[int], labels: Sequence[int]) -> float:
 def f1_binary(predictions: Sequence[int], labels: Sequence[int], positive_label: int = 1) -> float:
     """F1 of the positive class (GLUE's MRPC/QQP F1); 0.0 when there are no positives on either side."""
     predictions_array, labels_array = _as_arrays(predictions, labels)
-    predicted_positive = predictions_array == positive_label
-    actual_positive = labels_array == positive_label
-    true_positives = float(np.sum(predicted_positive & actual_positive))
-    denominator = float(np.sum(predicted_positive)) + float(np.sum(actual_positive))
-    return 0.0 if denominator == 0 else 2.0 * true_positives / denominator
+    # Positive class against the rest, so any other label value counts as negative (as GLUE's F1 does).
+    return float(sklearn.metrics.f1_score(labels_array == positive_label, predictions_array == positive_label,
+                                          zero_division=0.0))
 
 
 def matthews_corrcoef(predictions: Sequence[int], labels: Sequence[int]) -> float:
     """Matthews correlation (multi-class form, Gorodkin 2004; equals the binary formula for two classes).
 
-    0.0 when the denominator is zero (constant predictions or constant labels)."""
+    0.0 when the denominator is zero (constant predictions or constant labels): scikit-learn's own rule."""
     predictions_array, labels_array = _as_arrays(predictions, labels)
-    classes, encoded = np.unique(np.concatenate([labels_array, predictions_array]), return_inverse=True)
-    n = labels_array.size
-    true_index, predicted_index = encoded[:n], encoded[n:]
-    confusion = np.zeros((classes.size, classes.size), dtype=np.float64)
-    np.add.at(confusion, (true_index, predicted_index), 1.0)
-    true_counts = confusion.sum(axis=1)
-    predicted_counts = confusion.sum(axis=0)
-    correct = np.trace(confusion)
-    total = confusion.sum()
-    numerator = correct * total - float(np.dot(true_counts, predicted_counts))
-    denominator_squared = (total**2 - float(np.dot(predicted_counts, predicted_counts))) * (
-        total**2 - float(np.dot(true_counts, true_counts))
-    )
-    if denominator_squared <= 0:
+    if np.unique(np.concatenate([labels_array, predictions_array])).size < 2:
+        return 0.0  # one class in all: the zero denominator, without scikit-learn's single-label warning
+    return float(sklearn.metrics.matthews_corrcoef(labels_array, predictions_array))
+
+
+def _correlation(statistic, predictions: Sequence[float], labels: Sequence[float]) -> float:
+    """``statistic`` (scipy's pearsonr or spearmanr) of the two sides, 0.0 in the degenerate cases where scipy
+    gives nan with a warning (a constant side) or raises (fewer than two values); a nan input (a diverged
+    regression run) still gives nan, which run selection ranks last."""
+    predictions_array, labels_array = _as_arrays(predictions, labels)
+    predictions_array = predictions_array.astype(np.float64)
+    labels_array = labels_array.astype(np.float64)
+    if predictions_array.size < 2:
         return 0.0
-    return float(numerator / math.sqrt(denominator_squared))
+    if not (np.isfinite(predictions_array).all() and np.isfinite(labels_array).all()):
+        return math.nan
+    if np.all(predictions_array == predictions_array[0]) or np.all(labels_array == labels_array[0]):
+        return 0.0
+    return float(statistic(predictions_array, labels_array).statistic)
 
 
 def pearson(predictions: Sequence[float], labels: Sequence[float]) -> float:
-    """Pearson correlation; 0.0 when either side is constant or there are fewer than two values."""
-    predictions_array, labels_array = _as_arrays(predictions, labels)
-    x = predictions_array.astype(np.float64) - np.mean(predictions_array, dtype=np.float64)
-    y = labels_array.astype(np.float64) - np.mean(labels_array, dtype=np.float64)
-    denominator = math.sqrt(float(np.dot(x, x)) * float(np.dot(y, y)))
-    if x.size < 2 or denominator == 0.0:
-        return 0.0
-    return float(np.clip(np.dot(x, y) / denominator, -1.0, 1.0))
+    """Pearson correlation (scipy); 0.0 when either side is constant or there are fewer than two values."""
+    return _correlation(scipy.stats.pearsonr, predictions, labels)
 
 
 def spearman(predictions: Sequence[float], labels: Sequence[float]) -> float:
-    """Spearman rank correlation (Pearson of average ranks, ties averaged as scipy does); 0.0 if degenerate."""
-    predictions_array, labels_array = _as_arrays(predictions, labels)
-    return pearson(rankdata(predictions_array), rankdata(labels_array))
+    """Spearman rank correlation (scipy, ties averaged); 0.0 when either side is constant or has < 2 values."""
+    return _correlation(scipy.stats.spearmanr, predictions, labels)
 
 
 # Metric name -> function(predictions, labels). The names are the keys of every metrics dict.
@@ -276,6 +275,8 @@ def _file_format(path: str) -> str:
 
 
 # -------------------------------------------------------------------------------------------------- reading
+# Hand-written rather than `datasets.load_dataset("glue", ...)`: they read the official files offline (no hub
+# download or cache), and every error names the file and line.
 
 
 @dataclass
@@ -381,7 +382,7 @@ def read_split(path: Path, spec: TaskSpec) -> tuple[list[tuple[str, ...]], list[
     """Texts, raw label strings and line numbers of one file; raises GlueDataError on bad input."""
     rows, skipped = _read_rows(path, spec)
     if skipped:
-        print(f"{spec.name}: skipped {skipped} malformed row(s) in {path}", file=sys.stderr)
+        logger.warning("%s: skipped %d malformed row(s) in %s", spec.name, skipped, path)
     if not rows:
         raise GlueDataError(f"{path}: no examples")
     texts, labels, lines = [], [], []
