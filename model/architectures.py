@@ -96,9 +96,18 @@ class Embeddings(torch.nn.Module):
         self.layernorm = torch.nn.LayerNorm(config.hidden_size, eps=config.layernorm_eps)
         self.dropout = config.hidden_dropout
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """position_ids ``[B, L]``, or None for ``0..L-1``: then the first L rows of the table, broadcast over
+        the batch -- the same values as looking up an arange, in one slice instead of arange, expand and a
+        lookup (and a slice's backward instead of the lookup's scatter-add)."""
+        x = self.word_embeddings(input_ids) + _position_rows(self.position_embeddings, position_ids,
+                                                             input_ids.shape[1])
         return F.dropout(self.layernorm(x), self.dropout, self.training)
+
+
+def _position_rows(table: torch.nn.Embedding, position_ids: torch.Tensor | None, length: int) -> torch.Tensor:
+    """``table(position_ids)`` ``[B, L, d]``, or its first ``length`` rows ``[L, d]`` when position_ids is None."""
+    return table.weight[:length] if position_ids is None else table(position_ids)
 
 
 class TransformerEncoder(TransformerStack):
@@ -112,8 +121,6 @@ class TransformerEncoder(TransformerStack):
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids ``[B, L]``, attention_mask ``[B, L]`` bool (True = real token), position_ids ``[B, L]``
         (default ``0..L-1``) -> hidden states ``[B, L, d_en]``."""
-        if position_ids is None:
-            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         x = self.embeddings(input_ids, position_ids)
         return self.run_layers(x, key_padding_mask(attention_mask))
 
@@ -132,8 +139,10 @@ class Decoder(TransformerStack):
         self.head_transform = HeadTransform(width, config)
         self.dropout = config.hidden_dropout
 
-    def embed(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        x = x + self.position_embeddings(position_ids)
+    def embed(self, x: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
+        """x ``[B, N, d_de]`` + decoder position embeddings at position_ids ``[B, N]`` (None: ``0..N-1``),
+        LayerNorm, dropout."""
+        x = x + _position_rows(self.position_embeddings, position_ids, x.shape[1])
         return F.dropout(self.embedding_layernorm(x), self.dropout, self.training)
 
 
@@ -208,15 +217,14 @@ class PretrainingModel(torch.nn.Module):
         input_ids, corruption = batch["input_ids"], batch["corruption"]
         batch_size, seq_len = input_ids.shape
         projected = self.decoder_projection(self._encode_kept(batch))
-        # Scatter the kept outputs back to their positions; invalid (padding) slots go to a spare column L that
-        # is dropped, so no two valid writes collide and shapes stay static.
+        # Scatter the kept outputs back to their positions over a sequence of [MASK] embeddings: every position
+        # that is not kept is a masked one (or padding, whose outputs are never read and which no real query
+        # attends to). Invalid (padding) kept slots go to a spare column L that is dropped, so no two valid
+        # writes collide and shapes stay static.
         target = torch.where(batch["kept_valid"], batch["kept_positions"], seq_len)
-        full = projected.new_zeros(batch_size, seq_len + 1, projected.shape[-1])
-        full = full.scatter(1, target.unsqueeze(-1).expand_as(projected), projected)[:, :seq_len]
-        is_masked = (corruption == KIND_MASKED).unsqueeze(-1)
-        x = torch.where(is_masked, self.decoder.mask_embedding.to(full.dtype), full)
-        positions = torch.arange(seq_len, device=input_ids.device).expand(batch_size, -1)
-        x = self.decoder.run_layers(self.decoder.embed(x, positions), key_padding_mask(batch["attention_mask"]))
+        masks = self.decoder.mask_embedding.to(projected.dtype).expand(batch_size, seq_len + 1, -1)
+        x = masks.scatter(1, target.unsqueeze(-1).expand_as(projected), projected)[:, :seq_len]
+        x = self.decoder.run_layers(self.decoder.embed(x, None), key_padding_mask(batch["attention_mask"]))
         pred_positions, valid = batch["pred_positions"], batch["pred_valid"]
         losses = self._token_losses(_gather_rows(x, pred_positions), self.decoder.head_transform,
                                     batch["labels"].gather(1, pred_positions), valid)

@@ -67,7 +67,8 @@ def _capture_encoder_inputs(model):
     seen = {}
 
     def hook(module, args):
-        seen["input_ids"], seen["position_ids"] = args[0].clone(), args[1].clone()
+        seen["input_ids"] = args[0].clone()
+        seen["position_ids"] = None if len(args) < 2 or args[1] is None else args[1].clone()
     return seen, model.encoder.embeddings.register_forward_pre_hook(hook)
 
 
@@ -94,6 +95,25 @@ def test_mlm_encoder_reads_the_full_corrupted_sequence():
     handle.remove()
     assert torch.equal(seen["input_ids"], batch["input_ids"])
     assert (seen["input_ids"] == SPECIAL.mask).any()
+    assert seen["position_ids"] is None  # positions 0..L-1: see the next test
+
+
+def test_default_positions_equal_an_explicit_arange():
+    """Embeddings without position ids take the table's first L rows: the same values and gradients as
+    looking up 0..L-1."""
+    model = build("mlm")
+    embeddings = model.encoder.embeddings.eval()
+    ids = make_batch()["input_ids"]
+    arange = torch.arange(ids.shape[1]).expand_as(ids)
+    grads = []
+    for positions in (None, arange):
+        embeddings.zero_grad()
+        out = embeddings(ids, positions)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads.append((out.detach(), embeddings.position_embeddings.weight.grad.clone()))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=0)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-6, atol=1e-7)
+    assert grads[0][1][ids.shape[1]:].abs().sum() == 0 and grads[0][1][:ids.shape[1]].abs().sum() > 0
 
 
 @pytest.mark.parametrize("arch", ["3ml-self", "3ml-cross"])

@@ -1,0 +1,387 @@
+"""Host work per optimizer step: MLM vs 3ML under DeepSpeed ZeRO-2 and the hook-free ZeRO-0 path, measured
+side by side in one run, at the large preset's depth with tiny widths so that the step is nearly all host work.
+
+A GPU step is host-bound when Python issues work slower than the GPU runs it (README, Performance on the GPU:
+the 3ML steps are). On a CPU with a tiny-width model the compute is negligible, so what is measured here is
+what the host does per optimizer step -- the part a GPU run cannot hide:
+
+* ``wall ms``: median wall time of one optimizer step (``accumulation`` micro batches: forward, backward,
+  ``engine.step()``), rank 0;
+* ``hooks``: Python gradient hooks that fired in one optimizer step (every hook registered on a parameter --
+  DeepSpeed ZeRO-1/2's ``register_post_accumulate_grad_hook`` per parameter -- is wrapped with a counter);
+* ``ATen ops``: operators dispatched in one optimizer step (a ``TorchDispatchMode`` counter: forward, backward,
+  gradient reduction, optimizer), and ``fwd ops``, those of the forwards alone;
+* ``params``: parameter tensors (the per-parameter work scales with it).
+
+Every configuration runs in the same processes and their timed steps are interleaved (round-robin blocks), so
+the ratios compare like with like on a busy machine. ``--ranks 1,2`` runs the whole set once per world size
+(data parallel, ``torch.distributed`` over gloo on CPU, each rank a process started the way ``srun`` would).
+
+CPU (the README table)::
+
+    python -m bench.host_overhead --ranks 1,2 --json host_overhead.json
+
+CI (small depth, counts asserted in tests/test_host_overhead.py)::
+
+    python -m bench.host_overhead --encoder-layers 2 --decoder-layers 1 --steps 2 --warmup 1 --ranks 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from model.config import ModelConfig
+from pipeline.data.batch import SpecialTokens
+from pipeline.data.masking import Masker, MaskingCollator, MaskingConfig
+
+REPO = Path(__file__).resolve().parent.parent
+SPECIAL = SpecialTokens(bos=0, pad=1, eos=2, unk=3, mask=4)  # RoBERTa's special ids; no tokenizer needed
+DEFAULT_RUNS = "mlm:0.15,3ml-self:0.5,3ml-cross:0.5"
+# Path name -> ds_configs/ file (fp32 on CPU: the host work of the mixed-precision variants is the same
+# per-parameter machinery, and DeepSpeed's CPU accelerator lacks fp16). "zero2" is today's default layout.
+PATHS = {"zero2": "zero2_fp32.json", "zero0": "zero0_fp32.json", "zero1": "zero1_fp32.json",
+         "zero2-nohooks": None}
+
+
+@dataclass
+class Row:
+    ranks: int
+    path: str
+    architecture: str
+    masking_rate: float
+    compile: str
+    params: int
+    wall_ms: float
+    hooks: int
+    aten_ops: int | None
+    forward_ops: int | None
+    top_ops: list = field(default_factory=list)
+    wall_ratio_vs_zero2: float | None = None
+    ops_ratio_vs_mlm: float | None = None
+    wall_ratio_vs_mlm: float | None = None
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen operators dispatched while active (``torch.utils._python_dispatch``'s mode: every op
+    below autograd passes through ``__torch_dispatch__`` once)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+class HookCounter:
+    """Wraps every gradient hook registered on the parameters (post-accumulate and tensor hooks) with a
+    counter; torch keeps them in these per-tensor dicts, which is where DeepSpeed's ZeRO-1/2 hooks live."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.fired = 0
+        for param in module.parameters():
+            for attr in ("_post_accumulate_grad_hooks", "_backward_hooks"):
+                hooks = getattr(param, attr, None)
+                if hooks:
+                    for key, hook in list(hooks.items()):
+                        hooks[key] = self._counted(hook)
+
+    def _counted(self, hook):
+        def counted(*args, **kwargs):
+            self.fired += 1
+            return hook(*args, **kwargs)
+        return counted
+
+
+class SyntheticDataset(torch.utils.data.Dataset):
+    """Fixed random ``<s> ... </s>`` sequences masked per sample as the training dataset does."""
+
+    def __init__(self, masker: Masker, seq_len: int, vocab_size: int, size: int, seed: int):
+        rng = np.random.default_rng(seed)
+        self.tokens = rng.integers(5, vocab_size, size=(size, seq_len), dtype=np.int64)
+        self.tokens[:, 0], self.tokens[:, -1] = SPECIAL.bos, SPECIAL.eos
+        self.masker = masker
+
+    def __len__(self):
+        return len(self.tokens)
+
+    def __getitem__(self, index):
+        return self.masker(self.tokens[index], sample_index=index, epoch=0)
+
+
+def model_config(arch: str, args) -> ModelConfig:
+    """The large preset's structure (depth, pre-LN, tied embeddings: its parameter-tensor count) at tiny widths."""
+    return ModelConfig.preset(
+        "large", arch, num_layers=args.encoder_layers, decoder_num_layers=args.decoder_layers,
+        hidden_size=args.hidden, ffn_size=2 * args.hidden, num_heads=2, decoder_hidden_size=args.hidden // 2,
+        decoder_ffn_size=args.hidden, decoder_num_heads=2, vocab_size=args.vocab_size, vocab_pad_multiple=8,
+        max_positions=args.seq_len, hidden_dropout=0.1, attention_dropout=0.1)
+
+
+def ds_config_for(path: str, args, world: int) -> dict:
+    from deepspeed.accelerator import get_accelerator
+
+    from pipeline.training.trainer import TrainingConfig, build_deepspeed_config
+
+    micro = args.micro_batch
+    training = TrainingConfig(seq_len=args.seq_len, global_batch_size=micro * args.accumulation * world,
+                              micro_batch_size=micro, train_steps=10 ** 6, lr=1e-4, seed=args.seed)
+    accelerator = get_accelerator()
+    file = PATHS[path] or PATHS["zero2"]
+    ds = build_deepspeed_config(REPO / "ds_configs" / file, training, world, accelerator.device_name(),
+                                accelerator.is_fp16_supported(), accelerator.is_bf16_supported())
+    if path == "zero2-nohooks":
+        # What ZeRO-2 costs without its hooks: ZeRO-1 without contiguous gradient buffers registers none.
+        ds["zero_optimization"].update({"stage": 1, "contiguous_gradients": False, "overlap_comm": False})
+    return ds
+
+
+class Config:
+    """One (path, architecture, rate, compile) engine with its batches, ready to step."""
+
+    def __init__(self, path: str, arch: str, rate: float, compile_mode: str, args, world: int, rank: int):
+        import deepspeed
+
+        from model import build_model
+        from model.layers import compile_layers
+        from model.parallel import MegatronMpuForDeepSpeed
+
+        self.path, self.arch, self.rate, self.compile_mode = path, arch, rate, compile_mode
+        self.accumulation = args.accumulation
+        config = model_config(arch, args)
+        masking = MaskingConfig(rate=rate, seed=args.seed)
+        collator = MaskingCollator(masking, SPECIAL.pad)
+        micro = args.micro_batch
+        dataset = SyntheticDataset(Masker(masking, SPECIAL, config.vocab_size), args.seq_len, config.vocab_size,
+                                   size=micro * args.accumulation * world, seed=args.seed)
+        # This rank's micro batches of one optimizer step (the same every step: the content does not change
+        # the host work).
+        self.micros = [collator([dataset[(i * world + rank) * micro + j] for j in range(micro)])
+                       for i in range(args.accumulation)]
+        model = build_model(config, init_seed=args.seed)
+        self.params = sum(1 for p in model.parameters() if p.requires_grad)
+        if compile_mode == "layers":
+            compile_layers(model)
+        decay = [p for p in model.parameters() if p.ndim >= 2]
+        no_decay = [p for p in model.parameters() if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}]
+        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=groups,
+                                               config=ds_config_for(path, args, world),
+                                               mpu=MegatronMpuForDeepSpeed(), dist_init_required=False)
+        if compile_mode == "model":
+            self.engine.compile(compile_kwargs={"dynamic": False})
+        self.hooks = HookCounter(self.engine.module)
+        self.times: list[float] = []
+        self.last_loss = None
+
+    def optimizer_step(self, forward_counter: OpCounter | None = None):
+        for micro in self.micros:
+            if forward_counter is not None:
+                with forward_counter:
+                    output = self.engine(micro)
+            else:
+                output = self.engine(micro)
+            self.engine.backward(output.loss)
+            self.engine.step()
+        self.last_loss = output.loss
+
+    def timed_steps(self, count: int):
+        for _ in range(count):
+            start = time.perf_counter()
+            self.optimizer_step()
+            self.times.append(time.perf_counter() - start)
+
+    def counted_step(self, top: int) -> dict:
+        fired_before = self.hooks.fired
+        forward = OpCounter()
+        if self.compile_mode == "none":
+            with OpCounter() as total:
+                self.optimizer_step(forward_counter=forward)
+            ops, fwd_ops = total.total, forward.total
+            top_ops = total.counts.most_common(top)
+        else:  # compiled code under a dispatch mode would run another way: count hooks only
+            self.optimizer_step()
+            ops = fwd_ops = None
+            top_ops = []
+        return {"hooks": self.hooks.fired - fired_before, "aten_ops": ops, "forward_ops": fwd_ops,
+                "top_ops": top_ops}
+
+
+def worker(args) -> int:
+    """One rank: builds every configuration, interleaves their timed steps, rank 0 writes the rows."""
+    import torch.distributed as dist
+
+    from model.parallel import initialize_model_parallel
+    from pipeline.training.distributed import init_distributed
+
+    init_distributed()
+    world, rank = dist.get_world_size(), dist.get_rank()
+    initialize_model_parallel(1, args.seed)
+    torch.manual_seed(args.seed)
+    configs = [Config(path, arch, rate, mode, args, world, rank)
+               for mode in args.compile.split(",") for path in args.paths.split(",")
+               for arch, rate in parse_runs(args.runs)]
+    counts = []
+    for config in configs:
+        config.timed_steps(args.warmup)  # compilation, DeepSpeed's lazy buffers, allocator warm-up
+        counts.append(config.counted_step(args.top_ops))
+    for _ in range(args.rounds):  # interleaved: every configuration sees the same machine load
+        for config in configs:
+            dist.barrier()
+            config.timed_steps(args.steps)
+    rows = []
+    for config, count in zip(configs, counts):
+        rows.append(Row(world, config.path, config.arch, config.rate, config.compile_mode, config.params,
+                        1000.0 * statistics.median(config.times), count["hooks"], count["aten_ops"],
+                        count["forward_ops"], count["top_ops"]))
+        assert torch.isfinite(config.last_loss), f"{config.path} {config.arch}: loss {config.last_loss}"
+    if rank == 0:
+        Path(args.worker_output).write_text(json.dumps([asdict(r) for r in rows]))
+    dist.barrier()
+    return 0
+
+
+def parse_runs(text: str) -> list[tuple[str, float]]:
+    runs = []
+    for item in text.split(","):
+        arch, _, rate = item.partition(":")
+        if arch not in ("mlm", "3ml-self", "3ml-cross") or not rate:
+            raise SystemExit(f"error: --runs item {item!r}: expected ARCH:RATE with ARCH mlm|3ml-self|3ml-cross")
+        runs.append((arch, float(rate)))
+    return runs
+
+
+def launch(world: int, argv: list[str], timeout: float) -> list[Row]:
+    """Runs ``world`` worker processes (env:// rendezvous, as srun starts ranks) and reads rank 0's rows."""
+    from pipeline.training.distributed import free_port
+
+    with tempfile.TemporaryDirectory() as tmp:
+        output = Path(tmp) / "rows.json"
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(world),
+                   PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
+        env.setdefault("DS_ACCELERATOR", "cpu")
+        env.setdefault("OMP_NUM_THREADS", "1")
+        logs = [open(Path(tmp) / f"rank{r}.log", "w+") for r in range(world)]
+        procs = [subprocess.Popen([sys.executable, "-m", "bench.host_overhead", *argv, "--worker-output",
+                                   str(output)], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), cwd=REPO,
+                                  stdout=logs[r], stderr=subprocess.STDOUT) for r in range(world)]
+        try:
+            codes = [p.wait(timeout) for p in procs]
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            codes = [-9] * world
+        if any(codes) or not output.exists():
+            logs[0].seek(0)
+            raise SystemExit(f"error: {world}-rank run failed (exit codes {codes}); rank 0's log ends:\n"
+                             + logs[0].read()[-4000:])
+        return [Row(**r) for r in json.loads(output.read_text())]
+
+
+def add_ratios(rows: list[Row]) -> None:
+    """Ratios measured in the same run: each path's wall time against ZeRO-2's (same ranks, arch, compile);
+    each architecture's ops and wall time against MLM's (same ranks, path, compile)."""
+    for row in rows:
+        same = [r for r in rows if (r.ranks, r.compile) == (row.ranks, row.compile)]
+        zero2 = next((r for r in same if r.path == "zero2" and r.architecture == row.architecture
+                      and r.masking_rate == row.masking_rate), None)
+        mlm = next((r for r in same if r.path == row.path and r.architecture == "mlm"), None)
+        if zero2 is not None:
+            row.wall_ratio_vs_zero2 = row.wall_ms / zero2.wall_ms
+        if mlm is not None:
+            row.wall_ratio_vs_mlm = row.wall_ms / mlm.wall_ms
+            if row.aten_ops is not None and mlm.aten_ops:
+                row.ops_ratio_vs_mlm = row.aten_ops / mlm.aten_ops
+
+
+def format_table(rows: list[Row]) -> str:
+    ratio = lambda v: "-" if v is None else f"{v:.2f}x"
+    count = lambda v: "-" if v is None else str(v)
+    lines = ["| ranks | path | compile | arch | rate | params | wall ms/step | vs ZeRO-2 | vs MLM | hooks fired "
+             "| ATen ops | fwd ops | ops vs MLM |", "|" + "---|" * 13]
+    for r in rows:
+        lines.append(f"| {r.ranks} | {r.path} | {r.compile} | {r.architecture} | {r.masking_rate:.2f} | {r.params} "
+                     f"| {r.wall_ms:.1f} | {ratio(r.wall_ratio_vs_zero2)} | {ratio(r.wall_ratio_vs_mlm)} "
+                     f"| {r.hooks} | {count(r.aten_ops)} | {count(r.forward_ops)} | {ratio(r.ops_ratio_vs_mlm)} |")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench.host_overhead", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", default=DEFAULT_RUNS, help="ARCH:RATE,... (mlm is the baseline)")
+    parser.add_argument("--paths", default="zero2,zero0",
+                        help=f"comma-separated from {', '.join(PATHS)} (zero2 is the ratio's baseline)")
+    parser.add_argument("--compile", default="none",
+                        help="comma-separated from none, layers (model.layers.compile_layers), model "
+                             "(engine.compile(): the whole forward)")
+    parser.add_argument("--ranks", default="1,2", help="world sizes to run, e.g. 1,2")
+    parser.add_argument("--encoder-layers", type=int, default=24, help="the large preset's depth")
+    parser.add_argument("--decoder-layers", type=int, default=2)
+    parser.add_argument("--hidden", type=int, default=32, help="encoder width (tiny: compute is negligible)")
+    parser.add_argument("--vocab-size", type=int, default=512)
+    parser.add_argument("--seq-len", type=int, default=32)
+    parser.add_argument("--micro-batch", type=int, default=2)
+    parser.add_argument("--accumulation", type=int, default=2, help="micro batches per optimizer step")
+    parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per round")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the configurations")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--top-ops", type=int, default=0, help="also list the N most frequent ATen ops per row")
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per world size")
+    parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--worker-output", help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for path in args.paths.split(","):
+        if path not in PATHS:
+            parser.error(f"--paths item {path!r}: expected one of {', '.join(PATHS)}")
+    for mode in args.compile.split(","):
+        if mode not in ("none", "layers", "model"):
+            parser.error(f"--compile item {mode!r}: expected none, layers or model")
+    parse_runs(args.runs)
+    if args.worker_output:
+        return worker(args)
+    rows = []
+    for world in (int(w) for w in args.ranks.split(",")):
+        rows += launch(world, argv, args.timeout)
+    add_ratios(rows)
+    print(format_table(rows))
+    if args.top_ops:
+        for r in rows:
+            print(f"{r.ranks} rank(s) {r.path} {r.compile} {r.architecture}: "
+                  + ", ".join(f"{name} {n}" for name, n in r.top_ops))
+    if args.json:
+        path = Path(args.json)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({"environment": {"torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+                                                   "argv": argv}, "rows": [asdict(r) for r in rows]}, indent=2))
+        os.replace(tmp, path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
