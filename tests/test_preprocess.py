@@ -40,7 +40,19 @@ def _run(tmp_path, inputs, tokenizer, name="out", **overrides):
 
 
 def _listing(directory: Path) -> list[str]:
-    return sorted(path.name for path in directory.iterdir())
+    """Every entry under ``directory`` (relative paths), hidden temporaries included."""
+    return sorted(str(path.relative_to(directory)) for path in directory.rglob("*"))
+
+
+def _contents(directory: Path) -> dict[str, bytes]:
+    """Relative path -> bytes of every file under ``directory`` (symlinks followed; a dangling one fails)."""
+    return {name: (directory / name).read_bytes() for name in _listing(directory) if not (directory / name).is_dir()}
+
+
+def _dataset_listing(name: str) -> list[str]:
+    """What a dataset NAME is on disk: NAME.dataset/ with its five files, and the five names linking into it."""
+    files = [f"{name}{suffix}" for suffix in ("_train.bin", "_train.idx", "_valid.bin", "_valid.idx", ".meta.json")]
+    return [f"{name}.dataset"] + [f"{name}.dataset/{file}" for file in files] + files
 
 
 def test_round_trip_text_to_indexed_dataset_decodes_to_source(tiny_dataset_prefix, english_text_file,
@@ -77,8 +89,7 @@ def test_split_is_deterministic_by_seed_and_independent_of_workers(tmp_path, eng
         assert Path(f"{again}{suffix}").read_bytes() == Path(f"{tiny_dataset_prefix}{suffix}").read_bytes()
     assert Path(f"{other}_valid.bin").read_bytes() != Path(f"{again}_valid.bin").read_bytes()
     assert len(IndexedDataset(f"{other}_valid")) == 15
-    assert _listing(tmp_path) == sorted(f"{name}{suffix}" for name in ("again", "other") for suffix in
-                                        ("_train.bin", "_train.idx", "_valid.bin", "_valid.idx", ".meta.json"))
+    assert _listing(tmp_path) == sorted(_dataset_listing("again") + _dataset_listing("other"))
 
 
 def test_blank_line_separated_documents_and_xz(tmp_path, tiny_tokenizer):
@@ -224,7 +235,7 @@ def test_failure_late_leaves_previous_dataset_untouched(tmp_path, english_text_f
     import pipeline.data.preprocess as preprocess_module
 
     prefix, _ = _run(tmp_path, [english_text_file], tiny_tokenizer, one_doc_per_line=True, valid_fraction=0.1)
-    before = {name: (tmp_path / name).read_bytes() for name in _listing(tmp_path)}
+    before = _contents(tmp_path)
 
     def crash(*args, **kwargs):
         raise RuntimeError("disk full")
@@ -233,7 +244,7 @@ def test_failure_late_leaves_previous_dataset_untouched(tmp_path, english_text_f
     monkeypatch.setattr(preprocess_module, "tokenizer_fingerprint", crash)
     with pytest.raises(RuntimeError, match="disk full"):
         _run(tmp_path, [english_text_file], tiny_tokenizer, one_doc_per_line=True, valid_fraction=0.5)
-    assert {name: (tmp_path / name).read_bytes() for name in _listing(tmp_path)} == before
+    assert _contents(tmp_path) == before and _listing(tmp_path) == sorted(_dataset_listing("out"))
 
 
 def test_cli_prints_one_error_line_and_exits_1(tmp_path, tiny_tokenizer):

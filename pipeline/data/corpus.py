@@ -70,16 +70,21 @@ class DocumentReader:
         self.stats = ReadStats()
 
     def __iter__(self) -> Iterator[str]:
+        for document, _ in self.documents_with_positions():
+            yield document
+
+    def documents_with_positions(self) -> Iterator[tuple[str, tuple[Path, int]]]:
+        """(document, (file, its number in the file from 1, empty documents counted)) for error messages."""
         for path in self.inputs:
             input_format = detect_format(path) if self.input_format == "auto" else self.input_format
             reader = {"text": self._text, "jsonl": self._jsonl, "parquet": self._parquet, "hf": self._hf}[input_format]
-            for document in reader(path):
+            for number, document in enumerate(reader(path), start=1):
                 document = document.strip() if document is not None else ""
                 if not document:
                     self.stats.empty_documents += 1
                     continue
                 self.stats.documents += 1
-                yield document
+                yield document, (path, number)
 
     def _decode(self, path: Path, raw_line: bytes, line_start: int) -> str:
         try:

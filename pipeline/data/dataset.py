@@ -71,6 +71,9 @@ def open_indexed_dataset(path_prefix: str | os.PathLike):
         if not path.is_file():
             raise DataError(f"{path}: dataset file not found")
     item_size, sequences, documents = _check_index_file(idx_path)
+    if sequences == 0:  # megatron-core cannot memory-map the empty .bin (and its __del__ then fails noisily)
+        raise DataError(f"{idx_path}: the split is empty (preprocessed with --valid-fraction 0 or from one document); "
+                        "train with --eval-interval 0, or preprocess with --valid-fraction > 0")
     try:
         indexed = IndexedDataset(str(path_prefix))
     except (AssertionError, ValueError) as error:
@@ -347,15 +350,32 @@ class PretrainingDataLoader(torch.utils.data.DataLoader):
         return (unpack_batch(buffer, layout) for buffer, layout in iterator)
 
 
+def _max_token_id(prefix: str | os.PathLike, meta: dict) -> int:
+    """The largest token id of the dataset: recorded by preprocessing, else (older datasets) read from the data."""
+    if "max_token_id" in meta:
+        return int(meta["max_token_id"])
+    largest = -1
+    for split in ("train", "valid"):
+        path = Path(f"{split_prefix(prefix, split)}.bin")
+        if path.is_file() and path.stat().st_size:
+            largest = max(largest, int(np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r").max()))
+    return largest
+
+
 def check_dataset_vocabulary(prefix: str | os.PathLike, special: SpecialTokens, vocab_size: int) -> None:
-    """Raises DataError if ``prefix``'s meta.json (when present) says its ids do not fit ``vocab_size`` or its
-    special tokens differ from ``special``."""
+    """Raises DataError if ``prefix``'s meta.json (when present) says its ids do not fit ``vocab_size``, contradicts
+    its own data (an id >= its vocab size: edited, or from another tokenizer), or its special tokens differ from
+    ``special``."""
     if not meta_path(prefix).is_file():
         return
     meta = load_meta(prefix)
     dataset_vocab = meta["tokenizer"]["vocab_size"]
     if dataset_vocab > vocab_size:  # a model vocabulary padded beyond the tokenizer's is fine
         raise DataError(f"{meta_path(prefix)}: dataset vocab size {dataset_vocab} exceeds the model's {vocab_size}")
+    largest = _max_token_id(prefix, meta)
+    if largest >= dataset_vocab:
+        raise DataError(f"{meta_path(prefix)}: the data holds token id {largest}, but the vocab size recorded here is "
+                        f"{dataset_vocab} (edited, or the data comes from another tokenizer); preprocess again")
     expected = {"bos": special.bos, "pad": special.pad, "eos": special.eos, "unk": special.unk, "mask": special.mask}
     if meta["special_tokens"] != expected:
         raise DataError(f"{meta_path(prefix)}: dataset special token ids {meta['special_tokens']} differ from the "

@@ -42,6 +42,18 @@ def meta_path(prefix: str | os.PathLike) -> Path:
     return Path(f"{prefix}.meta.json")
 
 
+def dataset_dir(prefix: str | os.PathLike) -> Path:
+    """``PREFIX.dataset/``: the directory that holds the dataset's files; the names at ``PREFIX`` (``PREFIX_train.bin``
+    ..., ``PREFIX.meta.json``) are relative symlinks into it, so replacing the directory in one rename replaces
+    the whole dataset at once (``pipeline.io.publish_directory``)."""
+    return Path(f"{prefix}.dataset")
+
+
+def dataset_file_names(prefix: str | os.PathLike) -> list[str]:
+    """The base names of a dataset's files: both splits' .bin/.idx and meta.json, meta.json last."""
+    name = Path(prefix).name
+    return [f"{name}_{split}{ext}" for split in SPLITS for ext in (".bin", ".idx")] + [f"{name}.meta.json"]
+
 
 
 def load_meta(prefix: str | os.PathLike) -> dict:
