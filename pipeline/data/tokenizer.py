@@ -12,11 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from pipeline.io import file_sha256
+from pipeline.io import default_file_mode, file_sha256, library_os_error, naming_path, temporary_path
 from pipeline.errors import DataError, exit_on_data_error
 from pipeline.data.batch import SpecialTokens
 
@@ -91,16 +92,29 @@ def _attach_roberta_post_processor(tokenizer) -> None:
 
 
 def _save(tokenizer, output: str | os.PathLike) -> Path:
+    """Writes tokenizer.json atomically (temporary name, then one rename); an I/O failure is an OSError naming
+    the file (the Rust library reports it as a plain Exception)."""
     output = Path(output)
     if output.is_dir() or output.suffix != ".json":
         output = output / TOKENIZER_FILE
-    output.parent.mkdir(parents=True, exist_ok=True)
-    temporary = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    with naming_path(output.parent):
+        output.parent.mkdir(parents=True, exist_ok=True)
+    temporary = temporary_path(output)
     try:
-        tokenizer.save(str(temporary))
+        try:
+            tokenizer.save(str(temporary))
+        except Exception as error:
+            os_error = library_os_error(error, output)
+            if os_error is None:
+                raise
+            raise os_error from None
+        os.chmod(temporary, default_file_mode())
         os.replace(temporary, output)
     finally:
-        temporary.unlink(missing_ok=True)
+        try:
+            temporary.unlink(missing_ok=True)
+        except OSError:  # a read-only directory fails this too: keep the first error
+            pass
     return output
 
 
@@ -122,13 +136,8 @@ class TrainConfig:
             raise ValueError(f"min_frequency must be >= 1, got {self.min_frequency}")
 
 
-def _training_texts(files: Sequence[str | os.PathLike], text_key: str, batch_size: int = 1000
-                    ) -> Iterator[list[str]]:
-    """Batches of the inputs' text (lines of text files; the ``text_key`` of JSONL, Parquet, HF datasets)."""
-    from pipeline.data.corpus import DocumentReader
-
-    reader = DocumentReader([Path(file) for file in files], "auto", text_key, one_doc_per_line=True,
-                            replace_invalid=True)
+def _training_texts(reader, batch_size: int = 1000) -> Iterator[list[str]]:
+    """Batches of the reader's texts (lines of text files; the ``text_key`` of JSONL, Parquet, HF datasets)."""
     batch = []
     for text in reader:
         batch.append(text)
@@ -140,11 +149,16 @@ def _training_texts(files: Sequence[str | os.PathLike], text_key: str, batch_siz
 
 
 def train_tokenizer(files: Sequence[str | os.PathLike], output: str | os.PathLike,
-                    config: TrainConfig = TrainConfig(), show_progress: bool = False, text_key: str = "text") -> Path:
+                    config: TrainConfig = TrainConfig(), show_progress: bool = False, text_key: str = "text",
+                    replace_invalid: bool = False) -> Path:
     """Trains a byte-level BPE on the inputs and writes tokenizer.json; returns its path. Inputs are read like
     ``pipeline.data.preprocess`` reads them: plain text (also .gz/.xz/.bz2), JSONL / Parquet (field ``text_key``), saved
-    HF datasets directories; invalid UTF-8 is replaced."""
+    HF datasets directories; invalid UTF-8 (a binary file) is a DataError naming the file and byte, unless
+    ``replace_invalid`` (then replaced with U+FFFD, counted and warned). A vocabulary smaller than asked for (too
+    little text) is warned on stderr."""
     from tokenizers import ByteLevelBPETokenizer
+
+    from pipeline.data.corpus import DocumentReader
 
     if not files:
         raise DataError("no input files given for tokenizer training")
@@ -153,11 +167,22 @@ def train_tokenizer(files: Sequence[str | os.PathLike], output: str | os.PathLik
             raise DataError(f"{file}: input file not found")
         if Path(file).is_file() and Path(file).stat().st_size == 0:
             raise DataError(f"{file}: input file is empty")
+    reader = DocumentReader([Path(file) for file in files], "auto", text_key, one_doc_per_line=True,
+                            replace_invalid=replace_invalid)
     bpe = ByteLevelBPETokenizer(add_prefix_space=False, lowercase=config.lowercase, trim_offsets=True)
-    bpe.train_from_iterator(_training_texts(files, text_key), vocab_size=config.vocab_size,
+    bpe.train_from_iterator(_training_texts(reader), vocab_size=config.vocab_size,
                             min_frequency=config.min_frequency, show_progress=show_progress,
                             special_tokens=list(SPECIAL_TOKEN_STRINGS))
     tokenizer = bpe._tokenizer  # the underlying tokenizers.Tokenizer
+    if reader.stats.invalid_utf8_replaced:
+        counts = ", ".join(f"{name} ({count})" for name, count in reader.stats.invalid_utf8_by_file.items())
+        print(f"warning: replaced {reader.stats.invalid_utf8_replaced} invalid UTF-8 sequences with U+FFFD in "
+              f"{counts}", file=sys.stderr)
+    if tokenizer.get_vocab_size() < config.vocab_size:
+        print(f"warning: the trained vocabulary has {tokenizer.get_vocab_size()} tokens, fewer than the "
+              f"{config.vocab_size} asked for: the input ({reader.stats.text_bytes} bytes) has no more pairs seen "
+              f"at least {config.min_frequency} times (more text or a lower --min-frequency gives more)",
+              file=sys.stderr)
     for expected_id, token in enumerate(SPECIAL_TOKEN_STRINGS):
         if tokenizer.token_to_id(token) != expected_id:
             raise RuntimeError(f"special token {token} got id {tokenizer.token_to_id(token)}, expected {expected_id}")
@@ -181,6 +206,11 @@ def import_tokenizer(vocab_file: str | os.PathLike, merges_file: str | os.PathLi
         raise DataError(f"{vocab_file}: not a JSON vocabulary ({_first_line(error)})") from None
     if not isinstance(vocab, dict):
         raise DataError(f"{vocab_file}: expected a JSON object mapping tokens to ids")
+    wrong = next(((token, token_id) for token, token_id in vocab.items()
+                  if not isinstance(token_id, int) or isinstance(token_id, bool) or token_id < 0), None)
+    if wrong is not None:
+        raise DataError(f"{vocab_file}: token {wrong[0]!r} has the id {wrong[1]!r}; ids must be non-negative "
+                        "integers")
     try:
         bpe = ByteLevelBPETokenizer(str(vocab_file), str(merges_file), add_prefix_space=False, trim_offsets=True)
     except Exception as error:
@@ -204,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--vocab-size", type=int, default=TrainConfig.vocab_size)
     train.add_argument("--min-frequency", type=int, default=TrainConfig.min_frequency)
     train.add_argument("--lowercase", action="store_true")
+    train.add_argument("--replace-invalid", action="store_true",
+                       help="replace invalid UTF-8 with U+FFFD (counted) instead of failing")
     imported = commands.add_parser("import", help="convert GPT-2/RoBERTa vocab.json + merges.txt")
     imported.add_argument("--vocab", required=True, help="vocab.json")
     imported.add_argument("--merges", required=True, help="merges.txt")
@@ -218,7 +250,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = TrainConfig(args.vocab_size, args.min_frequency, args.lowercase)
         except ValueError as error:
             raise DataError(str(error)) from None
-        output = train_tokenizer(args.input, args.output, config, show_progress=True, text_key=args.text_key)
+        output = train_tokenizer(args.input, args.output, config, show_progress=True, text_key=args.text_key,
+                                 replace_invalid=args.replace_invalid)
     else:
         output = import_tokenizer(args.vocab, args.merges, args.output)
     tokenizer = load_raw_tokenizer(output)
