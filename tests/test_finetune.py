@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from pipeline.evaluation import finetune, glue
+from pipeline.errors import run_cli
 from pipeline.evaluation.finetune import FinetuneConfig, GridPoint, RunOutcome
+from pipeline.training.schedule import lr_multiplier
 
 CUE = "zebra"
 
@@ -25,19 +27,16 @@ def _lee_lines() -> list[str]:
 
 
 def _export_dir(directory: Path, pre_layer_norm: bool) -> Path:
-    """What pipeline.evaluation.export writes: a tiny model (roberta or roberta-prelayernorm) plus a byte-level BPE tokenizer
-    with RoBERTa's special tokens, both via save_pretrained."""
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import (PreTrainedTokenizerFast, RobertaConfig, RobertaForMaskedLM,
-                              RobertaPreLayerNormConfig, RobertaPreLayerNormForMaskedLM)
+    """What pipeline.evaluation.export writes: a tiny model (roberta or roberta-prelayernorm) plus the project's
+    byte-level BPE tokenizer (RoBERTa's special tokens and post-processor), both via save_pretrained."""
+    from transformers import RobertaConfig, RobertaForMaskedLM, RobertaPreLayerNormConfig, RobertaPreLayerNormForMaskedLM
 
-    lines = _lee_lines()
-    bpe = ByteLevelBPETokenizer()
+    from pipeline.data.tokenizer import TrainConfig, load_tokenizer, train_tokenizer
+
+    corpus = directory / "corpus.txt"
     # The cue words are in the tokenizer's training text so that each is a single token.
-    bpe.train_from_iterator(lines[:60] + [f"a {CUE} and a tiger"] * 50, vocab_size=400, min_frequency=2,
-                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"], show_progress=False)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>",
-                                        pad_token="<pad>", unk_token="<unk>", mask_token="<mask>")
+    corpus.write_text("\n".join(_lee_lines()[:60] + [f"a {CUE} and a tiger"] * 50) + "\n", encoding="utf-8")
+    tokenizer = load_tokenizer(train_tokenizer([corpus], directory / "bpe", TrainConfig(vocab_size=400)))
     tokenizer.save_pretrained(directory)
     config_class, model_class = ((RobertaPreLayerNormConfig, RobertaPreLayerNormForMaskedLM) if pre_layer_norm
                                  else (RobertaConfig, RobertaForMaskedLM))
@@ -128,9 +127,26 @@ def test_paper_grid_and_overrides():
 # ---------------------------------------------------------------------------------------------- features
 
 
+def _hand_built_ids(tokenizer, texts: tuple[str, ...], max_length: int) -> list[int]:
+    """The ids fine-tuning built by hand before it used the tokenizer's own template: <s> A </s>(</s> B </s>),
+    longest-first truncation dropping one token at a time from the longer segment (the first on ties)."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    parts = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    if len(parts) == 1:
+        return [bos, *parts[0][: max_length - 2], eos]
+    budget, first, second = max_length - 4, len(parts[0]), len(parts[1])
+    while first + second > budget:
+        if first >= second:
+            first -= 1
+        else:
+            second -= 1
+    return [bos, *parts[0][:first], eos, eos, *parts[1][:second], eos]
+
+
 def test_roberta_inputs_and_truncation(roberta_dir):
     tokenizer = finetune.load_tokenizer(str(roberta_dir))
-    examples = glue.Examples(texts=[("the zebra", "a tiger"), ("one " * 40, "two")], labels=[0, 1])
+    examples = glue.Examples(texts=[("the zebra", "a tiger"), ("one " * 40, "two"), ("only this", "")],
+                             labels=[0, 1, 1])
     encoded = finetune.encode_examples(tokenizer, examples, max_length=24)
     first_a = tokenizer("the zebra", add_special_tokens=False)["input_ids"]
     first_b = tokenizer("a tiger", add_special_tokens=False)["input_ids"]
@@ -141,11 +157,78 @@ def test_roberta_inputs_and_truncation(roberta_dir):
     second_b = tokenizer("two", add_special_tokens=False)["input_ids"]
     kept = 24 - 4 - len(second_b)
     assert encoded.input_ids[1] == [0, *second_a[:kept], 2, 2, *second_b, 2]
+    # An empty second text is still a pair.
+    assert encoded.input_ids[2] == [0, *tokenizer("only this", add_special_tokens=False)["input_ids"], 2, 2, 2]
     single = finetune.encode_examples(tokenizer, glue.Examples([("one " * 40,)], [0]), max_length=12)
     assert single.input_ids[0] == [0, *second_a[:10], 2]
-    batch = finetune.collate(encoded, [0, 1], pad_id=tokenizer.pad_token_id, regression=False)
+    batch = finetune.collate(encoded, [0, 1], finetune.make_collator(tokenizer), regression=False)
     assert batch["input_ids"].shape == (2, 24) and batch["attention_mask"][0].sum() == len(encoded.input_ids[0])
-    assert (batch["input_ids"][0, len(encoded.input_ids[0]) :] == 1).all() and batch["labels"].tolist() == [0, 1]
+    assert (batch["input_ids"][0, len(encoded.input_ids[0]) :] == 1).all()
+    assert (batch["attention_mask"][0, len(encoded.input_ids[0]) :] == 0).all() and batch["attention_mask"][1].all()
+    assert batch["labels"].tolist() == [0, 1] and batch["labels"].dtype == torch.long
+    scores = finetune.collate(finetune.EncodedSplit(encoded.input_ids, [0.5, 4.0, 1.0]), [2, 0],
+                              finetune.make_collator(tokenizer), regression=True)
+    assert scores["labels"].dtype == torch.float32 and scores["labels"].tolist() == [1.0, 0.5]
+
+
+def test_tokenizer_template_equals_the_hand_built_ids(roberta_dir):
+    """The tokenizer's own pair encoding gives the ids fine-tuning built by hand before, for single sentences and
+    pairs of every length mix; the one documented difference is an odd token budget with both segments long."""
+    tokenizer = finetune.load_tokenizer(str(roberta_dir))
+    rng = random.Random(0)
+    words = " ".join(_lee_lines()[100:300]).split()
+
+    def text() -> str:
+        start = rng.randrange(len(words) - 40)
+        return " ".join(words[start : start + rng.randint(0, 30)])
+
+    pairs = [(text(), text()) for _ in range(300)]
+    for max_length in (4, 8, 24, 32, 128):  # even budgets: identical
+        encoded = finetune.encode_examples(tokenizer, glue.Examples(pairs, [0] * len(pairs)), max_length)
+        assert encoded.input_ids == [_hand_built_ids(tokenizer, pair, max_length) for pair in pairs]
+    for max_length in (5, 13, 33):  # single sentences: identical for any length
+        singles = [(first,) for first, _ in pairs]
+        encoded = finetune.encode_examples(tokenizer, glue.Examples(singles, [0] * len(pairs)), max_length)
+        assert encoded.input_ids == [_hand_built_ids(tokenizer, single, max_length) for single in singles]
+    # Odd budget (13 - 4 = 9), both segments over half of it, the first the longer: the spare token goes to the
+    # longer (first) segment, where the hand-built loop gave it to the second.
+    long_a, long_b = "one " * 30, "one " * 20
+    ids_a = tokenizer(long_a, add_special_tokens=False)["input_ids"]
+    ids_b = tokenizer(long_b, add_special_tokens=False)["input_ids"]
+    assert len(ids_a) > len(ids_b) > 5
+    encoded = finetune.encode_examples(tokenizer, glue.Examples([(long_a, long_b), (long_b, long_a)], [0, 0]), 13)
+    assert encoded.input_ids[0] == [0, *ids_a[:5], 2, 2, *ids_b[:4], 2]
+    assert _hand_built_ids(tokenizer, (long_a, long_b), 13) == [0, *ids_a[:4], 2, 2, *ids_b[:5], 2]
+    assert encoded.input_ids[1] == _hand_built_ids(tokenizer, (long_b, long_a), 13)  # second longer: the same
+
+
+def test_tokenizer_without_the_roberta_template_is_refused(roberta_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(roberta_dir))
+    tokenizer.backend_tokenizer.post_processor = None  # ids without <s> ... </s>
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(finetune.FinetuneError, match="does not build RoBERTa inputs"):
+        finetune.load_tokenizer(str(tmp_path))
+
+
+def test_one_learning_rate_schedule_with_pre_training():
+    from transformers import get_linear_schedule_with_warmup
+
+    warmup, total = 3, 10
+    rates, hf_rates = [], []
+    for make, out in ((finetune.linear_schedule, rates), (get_linear_schedule_with_warmup, hf_rates)):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+        scheduler = make(optimizer, warmup, total)
+        for _ in range(total):
+            out.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+    assert rates == pytest.approx([2.0 * lr_multiplier(step, warmup, total) for step in range(total)])
+    assert rates[:4] == pytest.approx([2 / 3, 4 / 3, 2.0, 2.0 * 7 / 7]) and rates[-1] == pytest.approx(2.0 / 7)
+    # transformers' schedule: the same decay; its warm-up starts at 0 (one step behind).
+    assert rates[warmup:] == pytest.approx(hf_rates[warmup:])
+    assert hf_rates[:warmup] == pytest.approx([0.0, *rates[: warmup - 1]])
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -182,7 +265,7 @@ def test_tiny_model_beats_majority_baseline(roberta_dir, tmp_path, capsys):
     table = (output / "results.md").read_text()
     assert "| cue | Avg. |" in table and "Acc/Mcc" in table
     assert table.splitlines()[0] in capsys.readouterr().out
-    assert not list(output.glob(".*tmp"))  # atomic writes leave no temporary files
+    assert not list(output.glob(".*tmp*"))  # atomic writes leave no temporary files
 
     # The driver's run for seed 1 is reproduced exactly by a direct call with the same settings (deterministic).
     config = FinetuneConfig(model_path=str(roberta_dir), output_dir=str(output), max_length=32, progress=False)
@@ -193,7 +276,7 @@ def test_tiny_model_beats_majority_baseline(roberta_dir, tmp_path, capsys):
     encoded_dev = {"": finetune.encode_examples(tokenizer, data.dev[""], 32)}
     outcome, best_state = finetune.train_run(data, encoded_train, encoded_dev, str(roberta_dir),
                                              GridPoint(3e-3, 16, 6), 1, config, torch.device("cpu"),
-                                             tokenizer.pad_token_id, keep_best_state=True)
+                                             finetune.make_collator(tokenizer), keep_best_state=True)
     seed_one = next(run for run in task["runs"] if run["seed"] == 1)
     assert outcome.epoch_metrics == seed_one["epoch_metrics"] and outcome.best_epoch == seed_one["best_epoch"]
     assert best_state is not None and "classifier.out_proj.weight" in best_state
@@ -281,7 +364,7 @@ def test_glue_tasks_from_mnli_on_prelayernorm(prelayernorm_dir, tmp_path):
 
 
 def _cli_error(capsys, argv: list[str]) -> str:
-    code = finetune.main(argv + ["--no-progress"])
+    code = run_cli(lambda: finetune.main(argv + ["--no-progress"]))  # as python -m pipeline finetune does
     captured = capsys.readouterr()
     assert code == 1
     assert "Traceback" not in captured.err
@@ -343,3 +426,111 @@ def test_resume_reuses_logged_runs(roberta_dir, tmp_path, capsys):
     # Different settings: the log is not silently mixed in.
     message = _cli_error(capsys, argv + ["--resume", "--max-length", "24"])
     assert "runs were logged with other settings" in message
+
+
+# ------------------------------------------------------------------------------- loading and output faults
+
+
+def _copy_export(source: Path, target: Path, change) -> Path:
+    """A copy of an export whose weights went through ``change(state dict)``."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, target)
+    state = load_file(str(target / "model.safetensors"))
+    change(state)
+    save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
+    return target
+
+
+def _binary_task() -> glue.TaskData:
+    spec = glue.custom_task("cue", "t.jsonl", "d.jsonl", ["sentence"], "label")
+    return glue.TaskData(spec, glue.Examples(), {}, label_names=("0", "1"))
+
+
+def test_an_encoder_tensor_of_another_shape_is_refused_not_reinitialised(roberta_dir, tmp_path):
+    """Risk 1: ignore_mismatched_sizes used to re-initialise any encoder tensor whose shape differs, silently."""
+    key = "roberta.encoder.layer.0.intermediate.dense.weight"
+
+    def narrower(state):
+        state[key] = state[key][:48].clone()  # the model's config says 64 rows
+
+    altered = _copy_export(roberta_dir, tmp_path / "altered", narrower)
+    with pytest.raises(finetune.FinetuneError) as error:
+        finetune.load_classifier(str(altered), _binary_task(), seed=1)
+    message = str(error.value)
+    assert "\n" not in message and "encoder would start from random weights" in message
+    assert f"{key} (checkpoint [48, 32], model [64, 32])" in message
+
+    def without_embeddings(state):
+        del state["roberta.embeddings.word_embeddings.weight"]
+
+    missing = _copy_export(roberta_dir, tmp_path / "missing", without_embeddings)
+    with pytest.raises(finetune.FinetuneError, match="missing: roberta.embeddings.word_embeddings.weight"):
+        finetune.load_classifier(str(missing), _binary_task(), seed=1)
+
+
+def test_only_the_classification_head_may_differ(roberta_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    # An MNLI-like export (3-way head) loaded for a 2-label task: the head is re-initialised, the encoder kept.
+    three_way = glue.TaskData(_binary_task().spec, glue.Examples(), {}, label_names=("a", "b", "c"))
+    mnli = finetune.load_classifier(str(roberta_dir), three_way, seed=3)
+    mnli.save_pretrained(tmp_path / "mnli")
+    rte = finetune.load_classifier(str(tmp_path / "mnli"), _binary_task(), seed=3)
+    assert rte.classifier.out_proj.weight.shape == (2, 32)
+    assert torch.equal(rte.classifier.dense.weight, mnli.classifier.dense.weight)  # same shape: loaded
+    saved = load_file(str(roberta_dir / "model.safetensors"))
+    for name, tensor in rte.roberta.state_dict().items():
+        assert torch.equal(tensor, saved[f"roberta.{name}"]), name
+
+
+def test_a_pre_training_run_directory_gets_the_export_command(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps({"model": {"hidden_size": 32}}))
+    message = _cli_error(capsys, ["--model", str(run_dir), "--tasks", "RTE", "--data-dir", str(tmp_path),
+                                  "--output-dir", str(tmp_path / "out")])
+    assert message == (f"error: --model {run_dir}: this is a pre-training run: export it first with python -m "
+                       f"pipeline export {run_dir} --output HF_DIR, then pass --model HF_DIR")
+    tag_dir = run_dir / "checkpoints" / "step_00000010"
+    tag_dir.mkdir()
+    (tag_dir / "run_config.json").write_text("{}")
+    message = _cli_error(capsys, ["--model", str(tag_dir), "--tasks", "RTE", "--output-dir", str(tmp_path / "o")])
+    assert "this is a pre-training checkpoint: export it first with python -m pipeline export" in message
+
+
+def _small_cue_task(tmp_path: Path) -> list[str]:
+    rows = _cue_rows(40, seed=5)
+    train = _write_jsonl(tmp_path / "train.jsonl", rows[:30])
+    dev = _write_jsonl(tmp_path / "dev.jsonl", rows[30:])
+    return ["--train-file", str(train), "--dev-file", str(dev), "--text-fields", "sentence", "--label-field",
+            "label", "--lr", "1e-3", "--batch-size", "16", "--epochs", "1", "--seeds", "1", "--max-length", "24"]
+
+
+def test_output_failures_are_one_line_naming_the_path(roberta_dir, tmp_path, capsys):
+    import errno
+    from unittest import mock
+
+    from safetensors import SafetensorError
+
+    task = _small_cue_task(tmp_path)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    message = _cli_error(capsys, ["--model", str(roberta_dir), *task, "--output-dir", str(blocker / "out")])
+    assert message.startswith(f"error: {blocker / 'out'}") and "not a directory" in message
+
+    # A full disk during a write raises an OSError without a file name; the message still names the file.
+    output = tmp_path / "out"
+    with mock.patch("os.fsync", side_effect=OSError(errno.ENOSPC, "No space left on device")):
+        message = _cli_error(capsys, ["--model", str(roberta_dir), *task, "--output-dir", str(output)])
+    assert message == f"error: {output / 'custom' / 'runs.jsonl'}: cannot write (no space left on device)"
+
+    # safetensors' own error while saving the best model: one line naming the model directory, nothing left over.
+    failing = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    with mock.patch("transformers.modeling_utils.safe_save_file", side_effect=failing):
+        message = _cli_error(capsys, ["--model", str(roberta_dir), *task, "--output-dir", str(output),
+                                      "--save-best-model"])
+    assert message.startswith(f"error: {output / 'custom' / 'best_model'}: cannot write (Error while serializing")
+    assert sorted(path.name for path in (output / "custom").iterdir()) == ["runs.jsonl"]

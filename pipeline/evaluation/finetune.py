@@ -32,10 +32,11 @@ interrupted search from that log. ``--save-best-model`` also saves the best run'
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import math
 import os
-import random
 import shutil
 import sys
 import tempfile
@@ -47,14 +48,22 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from pipeline.errors import PipelineError
-
+from pipeline.errors import PipelineError, describe_os_error, exit_on_data_error, one_line
 from pipeline.evaluation import glue
-from pipeline.evaluation.glue import GlueDataError, TaskData, TaskSpec
+from pipeline.evaluation.glue import TaskData, TaskSpec
+from pipeline.io import write_text_atomic
+from pipeline.training.checkpoint import CHECKPOINTS_SUBDIR, LATEST_FILE, RUN_CONFIG_FILE
+from pipeline.training.schedule import lr_multiplier
+
+logger = logging.getLogger(__name__)
 
 
 class FinetuneError(PipelineError, ValueError):
     """A bad fine-tuning setting (model directory, grid, precision); the message is one line."""
+
+
+class FinetuneOutputError(PipelineError):
+    """A fine-tuning output that could not be written (disk full, read-only, ...); one line naming the path."""
 
 
 # ------------------------------------------------------------------------------------------------ settings
@@ -226,7 +235,8 @@ def select(runs: Sequence[RunOutcome], selection: str) -> Selection:
 
 
 def _quiet_transformers() -> None:
-    # Loading an encoder into a classification model always reports the new head; that is expected here.
+    # transformers' load report lists the new classification head on every load; load_classifier checks the
+    # loading info itself and refuses anything beyond the head, so the report is noise here.
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -234,23 +244,41 @@ def _quiet_transformers() -> None:
 
 
 def check_model_dir(path: str, what: str = "--model") -> Path:
+    """``path`` if it holds a Hugging Face model; a pre-training run or checkpoint gets the export command."""
     directory = Path(path)
+    is_run = (directory / CHECKPOINTS_SUBDIR).is_dir()
+    is_checkpoint = (directory / LATEST_FILE).is_file() or (directory / RUN_CONFIG_FILE).is_file()
+    if is_run or is_checkpoint:
+        raise FinetuneError(
+            f"{what} {directory}: this is a pre-training {'run' if is_run else 'checkpoint'}: export it first with "
+            f"python -m pipeline export {directory} --output HF_DIR, then pass --model HF_DIR"
+        )
     if not (directory / "config.json").is_file():
         raise FinetuneError(f"{what}: no Hugging Face model at {directory} (expected {directory / 'config.json'})")
     return directory
 
 
 def load_tokenizer(model_dir: str):
-    """The exported tokenizer; it must define <s>, </s> and <pad> (we build RoBERTa-format inputs from them)."""
+    """The exported tokenizer. Its own post-processor builds the inputs, so it must produce RoBERTa's format
+    (``<s> A </s>`` and ``<s> A </s></s> B </s>``, what ``pipeline.data.tokenizer`` attaches); checked here on a
+    probe pair, since a tokenizer without that template would silently feed the encoder inputs without them."""
     from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError) as exc:
-        raise FinetuneError(f"cannot load the tokenizer from {model_dir}: {str(exc).splitlines()[0]}") from None
+        raise FinetuneError(f"cannot load the tokenizer from {model_dir}: {one_line(exc)}") from None
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if getattr(tokenizer, name, None) is None:
             raise FinetuneError(f"the tokenizer in {model_dir} has no {name.replace('_id', '')} token")
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    first, second = (tokenizer(text, add_special_tokens=False)["input_ids"] for text in ("first", "second"))
+    if (tokenizer("first")["input_ids"] != [bos, *first, eos]
+            or tokenizer("first", "second")["input_ids"] != [bos, *first, eos, eos, *second, eos]):
+        raise FinetuneError(
+            f"the tokenizer in {model_dir} does not build RoBERTa inputs (<s> A </s></s> B </s>); "
+            "re-export the model with python -m pipeline export"
+        )
     return tokenizer
 
 
@@ -262,10 +290,19 @@ def position_limit(config) -> int:
     return limit
 
 
+def _describe_tensors(names: list[str], limit: int = 4) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 def load_classifier(source: str, task: TaskData, seed: int):
     """The encoder from ``source`` with a sequence-classification head for ``task``; the head (or the part of it
-    whose shape differs, e.g. MNLI's 3-way output for RTE) is initialised from ``seed``."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    whose shape differs, e.g. MNLI's 3-way output for RTE) is initialised from ``seed``.
+
+    Only the head may be new: an encoder tensor missing from ``source`` or of another shape would be
+    re-initialised at random by ``ignore_mismatched_sizes`` (fine-tuning a random encoder without a word), so
+    that is refused with an error naming the tensors."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, set_seed
 
     config = AutoConfig.from_pretrained(source)
     config.num_labels = task.num_labels
@@ -273,13 +310,31 @@ def load_classifier(source: str, task: TaskData, seed: int):
     if not task.spec.regression:
         config.id2label = dict(enumerate(task.label_names))
         config.label2id = {name: index for index, name in enumerate(task.label_names)}
-    torch.manual_seed(seed)
+    set_seed(seed)  # the new head's initialisation
     try:
-        return AutoModelForSequenceClassification.from_pretrained(
-            source, config=config, ignore_mismatched_sizes=True
+        model, loading_info = AutoModelForSequenceClassification.from_pretrained(
+            source, config=config, ignore_mismatched_sizes=True, output_loading_info=True
         )
     except (OSError, ValueError) as exc:
-        raise FinetuneError(f"cannot load a model from {source}: {str(exc).splitlines()[0]}") from None
+        raise FinetuneError(f"cannot load a model from {source}: {one_line(exc)}") from None
+    # The head is everything outside the encoder (``model.roberta``): e.g. ``classifier.out_proj.weight``.
+    encoder_prefix = f"{model.base_model_prefix}."
+    mismatched = sorted(
+        f"{name} (checkpoint {list(saved)}, model {list(expected)})"
+        for name, saved, expected in loading_info["mismatched_keys"] if name.startswith(encoder_prefix)
+    )
+    missing = sorted(name for name in loading_info["missing_keys"] if name.startswith(encoder_prefix))
+    if mismatched or missing:
+        problems = []
+        if mismatched:
+            problems.append(f"shape differs: {_describe_tensors(mismatched)}")
+        if missing:
+            problems.append(f"missing: {_describe_tensors(missing)}")
+        raise FinetuneError(
+            f"{source}: the encoder would start from random weights ({'; '.join(problems)}); only the "
+            "classification head may differ from the checkpoint"
+        )
+    return model
 
 
 # ------------------------------------------------------------------------------------------------ features
@@ -294,43 +349,31 @@ class EncodedSplit:
 
 
 def encode_examples(tokenizer, examples: glue.Examples, max_length: int) -> EncodedSplit:
-    """RoBERTa inputs built explicitly: ``<s> A </s>`` or ``<s> A </s></s> B </s>``, longest-first truncation.
+    """RoBERTa inputs by the exported tokenizer's own template: ``<s> A </s>`` or ``<s> A </s></s> B </s>``,
+    at most ``max_length`` tokens, longest-first truncation of the pair (``load_tokenizer`` checks the template).
 
-    Built here rather than by the tokenizer's post-processor so that the format does not depend on how the
-    exported tokenizer was configured."""
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    columns = list(zip(*examples.texts))
-    pieces = [tokenizer(list(column), add_special_tokens=False)["input_ids"] for column in columns]
-    special_count = 2 if len(pieces) == 1 else 4
-    budget = max_length - special_count
-    encoded = []
-    for parts in zip(*pieces):
-        if len(parts) == 1:
-            encoded.append([bos, *parts[0][:budget], eos])
-            continue
-        # Longest-first: drop one token at a time from the currently longer segment (the first on ties).
-        first_length, second_length = len(parts[0]), len(parts[1])
-        while first_length + second_length > budget:
-            if first_length >= second_length:
-                first_length -= 1
-            else:
-                second_length -= 1
-        encoded.append([bos, *parts[0][:first_length], eos, eos, *parts[1][:second_length], eos])
+    Tokenizers' longest-first gives the same ids as the hand-built loop this replaced (drop one token at a time
+    from the longer segment), except for an odd token budget (``max_length`` minus the 4 specials) with both
+    segments over half of it and the first the longer: the spare token goes to the first segment, where the loop
+    gave it to the second (the default ``max_length`` 128 leaves an even budget)."""
+    columns = [list(column) for column in zip(*examples.texts)]
+    # Batch call: a pair whose second text is empty still encodes as a pair ("<s> A </s></s></s>").
+    encoded = tokenizer(*columns, truncation="longest_first", max_length=max_length)["input_ids"]
     return EncodedSplit(encoded, list(examples.labels))
 
 
-def collate(split: EncodedSplit, indices: Sequence[int], pad_id: int, regression: bool) -> dict[str, torch.Tensor]:
-    """A right-padded batch of the given examples."""
-    sequences = [split.input_ids[index] for index in indices]
-    length = max(len(sequence) for sequence in sequences)
-    input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        input_ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
-        attention_mask[row, : len(sequence)] = 1
-    label_dtype = torch.float32 if regression else torch.long
-    labels = torch.tensor([split.labels[index] for index in indices], dtype=label_dtype)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+def make_collator(tokenizer):
+    """Right-pads a batch to its longest example with the tokenizer's pad id and builds the attention mask."""
+    from transformers import DataCollatorWithPadding
+
+    return DataCollatorWithPadding(tokenizer, padding="longest", return_tensors="pt")
+
+
+def collate(split: EncodedSplit, indices: Sequence[int], collator, regression: bool) -> dict[str, torch.Tensor]:
+    """A padded batch of the given examples: input_ids, attention_mask, labels (float for regression)."""
+    batch = collator([{"input_ids": split.input_ids[index], "label": split.labels[index]} for index in indices])
+    batch["labels"] = batch["labels"].to(torch.float32 if regression else torch.long)
+    return dict(batch)
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -367,8 +410,16 @@ def _optimizer(model: torch.nn.Module, config: FinetuneConfig, learning_rate: fl
     return torch.optim.AdamW(groups, lr=learning_rate, betas=config.adam_betas, eps=config.adam_eps)
 
 
+def linear_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
+    """Pre-training's schedule (``pipeline.training.schedule.lr_multiplier``): linear warm-up, linear decay to 0.
+
+    The same as transformers' ``get_linear_schedule_with_warmup`` after the warm-up; during it, step ``i`` (0-based)
+    gets ``(i + 1) / warmup_steps`` of the peak rather than ``i / warmup_steps`` (no step at learning rate 0)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, warmup_steps, total_steps))
+
+
 @torch.no_grad()
-def predict(model, split: EncodedSplit, config: FinetuneConfig, device, pad_id: int, regression: bool) -> np.ndarray:
+def predict(model, split: EncodedSplit, config: FinetuneConfig, device, collator, regression: bool) -> np.ndarray:
     """Class indices (classification) or scores (regression) for every example, in order."""
     model.eval()
     # Length-sorted batches waste little padding; predictions are put back in the original order.
@@ -376,7 +427,7 @@ def predict(model, split: EncodedSplit, config: FinetuneConfig, device, pad_id: 
     outputs = np.empty(len(order), dtype=np.float64 if regression else np.int64)
     for start in range(0, len(order), config.eval_batch_size):
         indices = order[start : start + config.eval_batch_size]
-        batch = collate(split, indices, pad_id, regression)
+        batch = collate(split, indices, collator, regression)
         with _autocast(device, config.precision):
             logits = model(
                 input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
@@ -386,11 +437,11 @@ def predict(model, split: EncodedSplit, config: FinetuneConfig, device, pad_id: 
     return outputs
 
 
-def evaluate(model, task: TaskData, dev: dict[str, EncodedSplit], config, device, pad_id) -> dict[str, float]:
+def evaluate(model, task: TaskData, dev: dict[str, EncodedSplit], config, device, collator) -> dict[str, float]:
     """The task's metrics over all its dev splits, in percent."""
     metrics: dict[str, float] = {}
     for suffix, split in dev.items():
-        predictions = predict(model, split, config, device, pad_id, task.spec.regression)
+        predictions = predict(model, split, config, device, collator, task.spec.regression)
         metrics.update(glue.compute_metrics(task.spec, suffix, predictions, split.labels))
     return {key: 100.0 * value for key, value in metrics.items()}
 
@@ -404,20 +455,16 @@ def train_run(
     seed: int,
     config: FinetuneConfig,
     device: torch.device,
-    pad_id: int,
+    collator,
     keep_best_state: bool = False,
 ) -> tuple[RunOutcome, dict[str, torch.Tensor] | None]:
     """Fine-tune once; evaluate after every epoch. Returns the outcome and (if asked) the best epoch's weights."""
-    from transformers import get_linear_schedule_with_warmup
-
     started = time.time()
-    random.seed(seed)
-    np.random.seed(seed)
-    model = load_classifier(source, task, seed).to(device)
+    model = load_classifier(source, task, seed).to(device)  # seeds python, numpy and torch (transformers.set_seed)
     optimizer = _optimizer(model, config, point.learning_rate)
     steps_per_epoch = math.ceil(len(train.labels) / point.batch_size)
     total_steps = steps_per_epoch * point.epochs
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
+    scheduler = linear_schedule(optimizer, int(config.warmup_ratio * total_steps), total_steps)
     scaler = torch.amp.GradScaler("cuda", enabled=config.precision == "fp16")
     shuffle_generator = torch.Generator().manual_seed(seed)
 
@@ -430,7 +477,7 @@ def train_run(
         bar = _progress(batches, config, desc=f"{task.spec.name} {point.label()} seed={seed} epoch {epoch}",
                         leave=False)
         for indices in bar:
-            batch = collate(train, indices, pad_id, task.spec.regression)
+            batch = collate(train, indices, collator, task.spec.regression)
             batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
             with _autocast(device, config.precision):
                 loss = model(**batch).loss
@@ -442,7 +489,7 @@ def train_run(
             scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-        metrics = evaluate(model, task, dev, config, device, pad_id)
+        metrics = evaluate(model, task, dev, config, device, collator)
         epoch_metrics.append(metrics)
         score = glue.task_score(task.spec, metrics)
         if best_epoch == 0 or rank_key(score) > rank_key(best_score):
@@ -472,43 +519,54 @@ def _progress(iterable: Iterable, config: FinetuneConfig, **kwargs):
 
 
 def _default_mode(directory: bool) -> int:
-    # mkstemp/mkdtemp create private (0600/0700) entries; give results the permissions a plain open() would.
+    # mkdtemp creates a private (0700) directory; give the saved model the permissions a plain mkdir would.
     umask = os.umask(0)
     os.umask(umask)
     return (0o777 if directory else 0o666) & ~umask
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file in the same directory and rename, so readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+@contextlib.contextmanager
+def writing(path: Path):
+    """Turns a failure to write ``path`` (an OSError, also one without a file name such as a full disk during
+    ``write``, or safetensors' error) into one ``FinetuneOutputError`` line naming ``path`` and the cause."""
+    from safetensors import SafetensorError
+
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(temporary, _default_mode(directory=False))
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+        yield
+    except OSError as error:
+        cause = describe_os_error(OSError(error.errno, error.strerror)) if error.errno else one_line(error)
+        raise FinetuneOutputError(f"{path}: cannot write ({cause})") from error
+    except SafetensorError as error:
+        raise FinetuneOutputError(f"{path}: cannot write ({one_line(error)})") from error
+
+
+def write_output_text(path: Path, text: str) -> None:
+    """``path`` replaced atomically (``pipeline.io``), its directory created; failures as ``writing`` says."""
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, text)
 
 
 def save_model_atomically(model, tokenizer, target: Path) -> None:
-    """save_pretrained into a temporary sibling directory, then swap it into place."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        os.chmod(staging, _default_mode(directory=True))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    """save_pretrained into a temporary sibling directory, then swap it into place (the old model is renamed
+    aside first and deleted last, so a failure leaves either the old or the new model at ``target``)."""
+    with writing(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+        previous = target.with_name(f".{target.name}.old-{os.getpid()}")
+        try:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            os.chmod(staging, _default_mode(directory=True))
+            if target.exists():
+                os.replace(target, previous)
+            os.replace(staging, target)
+            shutil.rmtree(previous, ignore_errors=True)
+        except BaseException:
+            if previous.exists() and not target.exists():
+                os.replace(previous, target)
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
 
 
 @dataclass
@@ -669,11 +727,12 @@ def read_run_log(path: Path, settings: dict) -> list[RunOutcome]:
 
 def append_run_log(path: Path, outcome: RunOutcome, settings: dict) -> None:
     """One JSON line per finished run, flushed to disk so an interruption loses at most the current run."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(_finite_or_none({**_run_record(outcome), "settings": settings})) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(_finite_or_none({**_run_record(outcome), "settings": settings})) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
 
 
 def finetune_task(
@@ -694,15 +753,15 @@ def finetune_task(
     limit = position_limit(model_config)
     max_length = min(config.max_length, limit)
     if max_length < config.max_length:
-        print(f"{task.spec.name}: --max-length {config.max_length} exceeds the model's {limit}; using {limit}",
-              file=sys.stderr)
+        logger.warning("%s: --max-length %d exceeds the model's %d; using %d", task.spec.name, config.max_length,
+                       limit, limit)
     if getattr(model_config, "vocab_size", None) is not None and len(tokenizer) > model_config.vocab_size:
         raise FinetuneError(
             f"the tokenizer has {len(tokenizer)} tokens but the model at {source} only {model_config.vocab_size}"
         )
     train = encode_examples(tokenizer, task.train, max_length)
     dev = {suffix: encode_examples(tokenizer, examples, max_length) for suffix, examples in task.dev.items()}
-    pad_id = tokenizer.pad_token_id
+    collator = make_collator(tokenizer)
 
     grid = config.grid_for(task.spec.name)
     seeds = config.seed_list()
@@ -712,7 +771,7 @@ def finetune_task(
     if config.resume:
         logged = {(run.grid_point, run.seed): run for run in read_run_log(log_path, settings)}
         # Rewrite without a torn last line, so that the next appended record starts on a line of its own.
-        atomic_write_text(log_path, "".join(
+        write_output_text(log_path, "".join(
             json.dumps(_finite_or_none({**_run_record(run), "settings": settings})) + "\n" for run in logged.values()
         ))
         if save_best_model and logged and not (best_model_dir / "config.json").is_file():
@@ -720,9 +779,12 @@ def finetune_task(
     else:
         logged = {}
         if log_path.exists():
-            log_path.unlink()
+            with writing(log_path):
+                log_path.unlink()
     runs: list[RunOutcome] = []
     best_score = max((rank_key(run.score) for run in logged.values()), default=-math.inf)
+    # A plain loop rather than transformers' Trainer/hyper-parameter search: each run keeps its best epoch's
+    # weights in memory (no checkpoint per epoch on disk) and is logged as it ends, for --resume.
     outer = _progress(None, config, total=len(grid) * len(seeds), desc=f"{task.spec.name} runs")
     for point in grid:
         for seed in seeds:
@@ -731,7 +793,7 @@ def finetune_task(
                 outer.update(1)
                 continue
             outcome, state = train_run(
-                task, train, dev, source, point, seed, config, device, pad_id, keep_best_state=save_best_model
+                task, train, dev, source, point, seed, config, device, collator, keep_best_state=save_best_model
             )
             runs.append(outcome)
             append_run_log(log_path, outcome, settings)
@@ -802,12 +864,12 @@ def run(config: FinetuneConfig, tasks: Sequence[TaskSpec], data_dir: str | None)
         else:
             source = str(model_dir)
         keep = config.save_best_model or (config.init_from == "mnli" and name == "MNLI")
-        print(f"{name}: {len(task.train)} train examples, dev {', '.join(str(len(s)) for s in task.dev.values())}; "
-              f"from {source} on {device}", file=sys.stderr)
+        logger.info("%s: %d train examples, dev %s; from %s on %s", name, len(task.train),
+                    ", ".join(str(len(split)) for split in task.dev.values()), source, device)
         results[name] = finetune_task(task, source, tokenizer, config, device, output_dir / name, keep)
         document = results_json(config, results, row_name)
-        atomic_write_text(output_dir / "results.json", json.dumps(_finite_or_none(document), indent=2) + "\n")
-        atomic_write_text(output_dir / "results.md", markdown_table(results, config.selection, row_name))
+        write_output_text(output_dir / "results.json", json.dumps(_finite_or_none(document), indent=2) + "\n")
+        write_output_text(output_dir / "results.md", markdown_table(results, config.selection, row_name))
     return document
 
 
@@ -899,40 +961,39 @@ def tasks_from_args(args: argparse.Namespace) -> list[TaskSpec]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command; errors (``PipelineError``, ``OSError``) reach the caller, ``run_cli`` prints them as one line."""
     args = build_parser().parse_args(argv)
-    try:
-        specs = tasks_from_args(args)
-        config = FinetuneConfig(
-            model_path=args.model,
-            output_dir=args.output_dir,
-            learning_rates=args.lr,
-            batch_sizes=args.batch_size,
-            epoch_counts=args.epochs,
-            seeds=args.seeds,
-            base_seed=args.base_seed,
-            selection=args.selection,
-            weight_decay=args.weight_decay,
-            warmup_ratio=args.warmup_ratio,
-            max_grad_norm=args.max_grad_norm,
-            max_length=args.max_length,
-            eval_batch_size=args.eval_batch_size,
-            precision=args.precision,
-            device=args.device,
-            init_from=args.init_from,
-            save_best_model=args.save_best_model,
-            max_train_examples=args.max_train_examples,
-            max_dev_examples=args.max_dev_examples,
-            progress=not args.no_progress,
-            resume=args.resume,
-            run_name=args.name,
-        )
-        run(config, specs, args.data_dir)
-    except (FinetuneError, GlueDataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    if not logging.getLogger().handlers:  # progress lines on stderr; a caller's own logging setup wins
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    specs = tasks_from_args(args)
+    config = FinetuneConfig(
+        model_path=args.model,
+        output_dir=args.output_dir,
+        learning_rates=args.lr,
+        batch_sizes=args.batch_size,
+        epoch_counts=args.epochs,
+        seeds=args.seeds,
+        base_seed=args.base_seed,
+        selection=args.selection,
+        weight_decay=args.weight_decay,
+        warmup_ratio=args.warmup_ratio,
+        max_grad_norm=args.max_grad_norm,
+        max_length=args.max_length,
+        eval_batch_size=args.eval_batch_size,
+        precision=args.precision,
+        device=args.device,
+        init_from=args.init_from,
+        save_best_model=args.save_best_model,
+        max_train_examples=args.max_train_examples,
+        max_dev_examples=args.max_dev_examples,
+        progress=not args.no_progress,
+        resume=args.resume,
+        run_name=args.name,
+    )
+    run(config, specs, args.data_dir)
     print((Path(args.output_dir) / "results.md").read_text(encoding="utf-8"))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_on_data_error(main)
