@@ -8,6 +8,7 @@ input in fp32 (<= 1e-5); so do the MLM-head logits where the architecture has an
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from export_training import REPO, subprocess_env, tiny_train_args, torchrun  # noqa: E402
+from test_faults import mounts  # noqa: E402,F401  (the tmpfs fixture)
 
 TOLERANCE = 1e-5
 
@@ -200,3 +202,91 @@ def test_hf_mapping_in_process(architecture, pre_ln, tied, pad_id):
         their_logits = hf(input_ids=input_ids, attention_mask=mask.long()).logits
     assert (their_hidden - hidden)[mask].abs().max().item() <= TOLERANCE
     assert (their_logits - ours)[mask].abs().max().item() <= TOLERANCE
+
+
+# ------------------------------------------------------------------------- faults (issue 14: items 1, 6, 7, 12)
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory, tiny_dataset_prefix, tiny_tokenizer) -> Path:
+    """One rank, TP=1, ZeRO-0, RoBERTa MLM: checkpoints at steps 2 and 4 (about 40 s)."""
+    run_dir = tmp_path_factory.mktemp("two_checkpoints") / "run"
+    torchrun(1, tiny_train_args(tiny_dataset_prefix, tiny_tokenizer, run_dir, steps=4, architecture="mlm",
+                                ds_config="zero0_fp32.json", tp=1, extra=["--save-interval", "2"]),
+             run_dir.parent / "train.log")
+    return run_dir
+
+
+def _export_module(*args: str) -> subprocess.CompletedProcess:
+    """``python -m pipeline.evaluation.export ARGS`` (the module's own entry point, not the front door)."""
+    return subprocess.run([sys.executable, "-m", "pipeline.evaluation.export", *args], env=subprocess_env(),
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+
+
+def _hidden_entries(directory: Path) -> list[str]:
+    return sorted(path.name for path in directory.iterdir() if path.name.startswith("."))
+
+
+def test_export_names_the_damaged_checkpoint_it_skips(two_checkpoints, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run_dir)
+    newest = run_dir / "checkpoints" / "step_00000004" / "mp_rank_00_model_states.pt"
+    os.truncate(newest, newest.stat().st_size - 1000)
+    result = _export_module(str(run_dir), "--output", str(tmp_path / "hf"))
+    assert result.returncode == 0, result.stderr
+    assert (f"warning: skipping a damaged checkpoint: {newest}: truncated or modified" in result.stderr
+            and f"exporting {run_dir / 'checkpoints' / 'step_00000002'} instead" in result.stderr), result.stderr
+    assert json.loads((tmp_path / "hf" / "export_info.json").read_text())["step"] == 2
+
+
+def test_export_files_follow_the_umask_and_overwrite_replaces_a_file_cleanly(two_checkpoints, tmp_path):
+    from pipeline.evaluation.export import export_checkpoint
+
+    output = tmp_path / "hf"
+    output.write_text("a file where the export goes")
+    mask = os.umask(0o022)
+    try:
+        export_checkpoint(two_checkpoints, output, overwrite=True)
+    finally:
+        os.umask(mask)
+    assert output.is_dir() and _hidden_entries(tmp_path) == []  # no .hf.old-PID, no staging directory
+    assert output.stat().st_mode & 0o777 == 0o755
+    assert {path.name: path.stat().st_mode & 0o777 for path in output.iterdir()} == {
+        name: 0o644 for name in ("config.json", "export_info.json", "model.safetensors", "tokenizer.json",
+                                 "tokenizer_config.json")}
+
+
+def test_export_failure_keeps_the_previous_export(two_checkpoints, tmp_path, monkeypatch):
+    import errno
+
+    import pipeline.evaluation.export as export_module
+
+    output = tmp_path / "hf"
+    export_module.export_checkpoint(two_checkpoints, output, tag="step_00000002")
+    before = {path.name: path.read_bytes() for path in output.iterdir()}
+
+    def disk_full(tensors, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(export_module, "_save_safetensors", disk_full)
+    with pytest.raises(OSError, match="No space left on device"):
+        export_module.export_checkpoint(two_checkpoints, output, overwrite=True)
+    assert {path.name: path.read_bytes() for path in output.iterdir()} == before
+    assert _hidden_entries(tmp_path) == []
+
+
+def test_export_disk_full_and_read_only_are_one_line(two_checkpoints, tmp_path, mounts):  # noqa: F811
+    from test_faults import _remount_read_only
+
+    disk = mounts(tmp_path / "disk", "256k")  # the weights alone are ~600 KB
+    result = _export_module(str(two_checkpoints), "--output", str(disk / "hf"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {disk}/.hf.tmp-") and last.endswith(": no space left on device"), last
+    assert list(disk.iterdir()) == []
+    _remount_read_only(disk)
+    result = _export_module(str(two_checkpoints), "--output", str(disk / "hf"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {disk}/.hf.tmp-") and last.endswith(": read-only file system"), last

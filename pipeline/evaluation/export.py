@@ -3,7 +3,8 @@
     python -m pipeline export CKPT --output HF_DIR [--tag step_00001000] [--with-decoder] [--tokenizer T]
 
 ``CKPT`` is a run directory (``--save`` of run_pretrain.py), its ``checkpoints/`` directory or one checkpoint tag
-directory; without ``--tag`` the newest intact checkpoint is used (``pipeline.training.checkpoint.find_resume_point``).
+directory; without ``--tag`` the newest intact checkpoint is used (``pipeline.training.checkpoint.find_resume_point``),
+and every newer one it skips is named on stderr with the reason.
 
 Weights, for any ZeRO stage and tensor-parallel (TP) size:
 
@@ -15,7 +16,9 @@ Weights, for any ZeRO stage and tensor-parallel (TP) size:
 * The TP shards are merged with ``model.merge_tensor_parallel_shards`` (partition dim and fused-QKV stride per
   parameter name).
 
-Output (written to a temporary sibling directory, renamed into place when complete):
+Output (written to a staging directory ``.NAME.tmp-PID`` next to it and published in one rename by
+``pipeline.io.publish_directory``: an existing export is replaced only by a complete one, and survives any failure;
+files get the usual permissions of the umask):
 
 * ``model.safetensors`` + ``config.json``: ``roberta`` (post-LN encoders) or ``roberta-prelayernorm`` (pre-LN),
   the encoder only (the 3ML decoder is dropped, as for fine-tuning). ``RobertaForMaskedLM`` weights, with the
@@ -45,7 +48,8 @@ from typing import Sequence
 
 import torch
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, exit_on_data_error
+from pipeline.io import default_file_mode, library_os_error, make_staging_dir, naming_path, publish_directory
 
 FULL_MODEL_SUBDIR = "3ml"
 EXPORT_INFO_FILE = "export_info.json"
@@ -78,6 +82,9 @@ def locate_checkpoint(path: str | os.PathLike, tag: str | None = None):
         raise ExportError(str(error)) from None
     if point is None:
         raise ExportError(f"{path}: no checkpoint found (expected a run directory with checkpoints/latest)")
+    for reason in point.skipped:  # a fallback said out loud, as training's resume does
+        print(f"warning: skipping a damaged checkpoint: {reason}; exporting {point.tag_dir} instead",
+              file=sys.stderr)
     return point
 
 
@@ -262,7 +269,15 @@ def _write_tokenizer(tokenizer_path: Path, expected_sha256: str | None, output: 
     except DataError as error:
         raise ExportError(str(error)) from None
     tokenizer.model_max_length = max_length
-    tokenizer.save_pretrained(str(output))
+    try:
+        tokenizer.save_pretrained(str(output))
+    except OSError:
+        raise
+    except Exception as error:  # the Rust tokenizers library reports an I/O failure as a plain Exception
+        os_error = library_os_error(error, output / "tokenizer.json")
+        if os_error is None:
+            raise
+        raise os_error from None
     ids = special_tokens(tokenizer)
     return {"bos": ids.bos, "pad": ids.pad, "eos": ids.eos, "unk": ids.unk, "mask": ids.mask,
             "sha256": fingerprint}
@@ -271,8 +286,6 @@ def _write_tokenizer(tokenizer_path: Path, expected_sha256: str | None, output: 
 def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, tag: str | None = None,
                       with_decoder: bool = False, tokenizer: str | None = None, overwrite: bool = False) -> Path:
     """Writes the Hugging Face directory ``output`` (see module docstring); returns its path."""
-    from safetensors.torch import save_file
-
     from model import ModelConfig
     from pipeline.training.checkpoint import CheckpointError, read_run_config
 
@@ -292,45 +305,57 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, 
     state = load_merged_state_dict(tag_dir, run_config)
     hf_state = encoder_to_hf(state, config)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    with naming_path(output.parent):
+        output.parent.mkdir(parents=True, exist_ok=True)
+    staging = make_staging_dir(output)
     try:
-        tokenizer_info = None
-        tokenizer_path = _tokenizer_path(run_config, tokenizer)
-        if tokenizer_path is not None:
-            tokenizer_info = _write_tokenizer(tokenizer_path, run_config.get("tokenizer_fingerprint"), staging,
-                                              config.max_positions)
-        else:
-            print(f"warning: {tag_dir}: no tokenizer path recorded; exporting without tokenizer files "
-                  "(pass --tokenizer)", file=sys.stderr)
-        hf_config(config, tokenizer_info).save_pretrained(str(staging))
-        save_file(hf_state, str(staging / "model.safetensors"), metadata={"format": "pt"})
-        if with_decoder:
-            full_dir = staging / FULL_MODEL_SUBDIR
-            full_dir.mkdir()
-            save_file({name: tensor.contiguous().clone() for name, tensor in state.items()},
-                      str(full_dir / "model.safetensors"), metadata={"format": "pt"})
-            (full_dir / "config.json").write_text(config.to_json() + "\n")
-        info = {"source": str(tag_dir.resolve()), "step": run_config.get("step"),
-                "consumed_samples": run_config.get("consumed_samples"),
-                "zero_stage": _zero_stage(tag_dir, run_config),
-                "tensor_parallel_size": _tp_size(tag_dir, run_config),
-                "architecture": config.architecture, "model_type": hf_model_type(config),
-                "mlm_head": has_mlm_head(config), "with_decoder": with_decoder,
-                "tokenizer_sha256": (tokenizer_info or {}).get("sha256"),
-                "dataset_fingerprint": run_config.get("dataset_fingerprint")}
-        (staging / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-        if output.exists():  # --overwrite: the old directory goes only once the new one is complete
-            old = output.with_name(f".{output.name}.old-{os.getpid()}")
-            os.replace(output, old)
-            os.replace(staging, output)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, output)
+        with naming_path(staging):
+            tokenizer_info = None
+            tokenizer_path = _tokenizer_path(run_config, tokenizer)
+            if tokenizer_path is not None:
+                tokenizer_info = _write_tokenizer(tokenizer_path, run_config.get("tokenizer_fingerprint"), staging,
+                                                  config.max_positions)
+            else:
+                print(f"warning: {tag_dir}: no tokenizer path recorded; exporting without tokenizer files "
+                      "(pass --tokenizer)", file=sys.stderr)
+            hf_config(config, tokenizer_info).save_pretrained(str(staging))
+            _save_safetensors(hf_state, staging / "model.safetensors")
+            if with_decoder:
+                full_dir = staging / FULL_MODEL_SUBDIR
+                full_dir.mkdir()
+                _save_safetensors({name: tensor.contiguous().clone() for name, tensor in state.items()},
+                                  full_dir / "model.safetensors")
+                (full_dir / "config.json").write_text(config.to_json() + "\n")
+            info = {"source": str(tag_dir.resolve()), "step": run_config.get("step"),
+                    "consumed_samples": run_config.get("consumed_samples"),
+                    "zero_stage": _zero_stage(tag_dir, run_config),
+                    "tensor_parallel_size": _tp_size(tag_dir, run_config),
+                    "architecture": config.architecture, "model_type": hf_model_type(config),
+                    "mlm_head": has_mlm_head(config), "with_decoder": with_decoder,
+                    "tokenizer_sha256": (tokenizer_info or {}).get("sha256"),
+                    "dataset_fingerprint": run_config.get("dataset_fingerprint")}
+            (staging / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        # --overwrite: the old output (directory or file) is replaced in the same single rename.
+        publish_directory(staging, output)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)  # never hides the first error
         raise
     return output
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' save_file with the file mode of the umask (it creates files 0600, which a cluster's teammates
+    cannot read) and its Rust I/O errors as OSError naming the file."""
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except Exception as error:  # safetensors raises SafetensorError for any I/O failure
+        os_error = library_os_error(error, path)
+        if os_error is None:
+            raise ExportError(f"{path}: cannot write ({_first_line(error)})") from None
+        raise os_error from None
+    os.chmod(path, default_file_mode())
 
 
 def load_full_model(export_dir: str | os.PathLike):
@@ -378,12 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        output = export_checkpoint(args.checkpoint, args.output, tag=args.tag, with_decoder=args.with_decoder,
-                                   tokenizer=args.tokenizer, overwrite=args.overwrite)
-    except ExportError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    output = export_checkpoint(args.checkpoint, args.output, tag=args.tag, with_decoder=args.with_decoder,
+                               tokenizer=args.tokenizer, overwrite=args.overwrite)
     info = json.loads((output / EXPORT_INFO_FILE).read_text())
     print(f"exported {info['source']} (step {info['step']}, ZeRO-{info['zero_stage']}, "
           f"TP={info['tensor_parallel_size']}) to {output} as {info['model_type']}"
@@ -393,4 +414,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_on_data_error(main)
