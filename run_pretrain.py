@@ -5,7 +5,8 @@
 
 import sys
 
+from pipeline.errors import run_cli
 from pipeline.training.trainer import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -1,8 +1,9 @@
 """Training throughput of MLM vs 3ML, measured side by side in one run, through the product code path.
 
 Each row is one (preset, architecture, masking rate, precision) built with ``model.build_model`` and stepped by
-a DeepSpeed engine made from a ``ds_configs/`` file with ``pipeline.training.trainer.build_deepspeed_config`` -- the same
-objects ``run_pretrain.py`` trains. Batches are masked by ``pipeline.data.masking`` from fixed random token
+a DeepSpeed engine made from a ``ds_configs/`` file with ``pipeline.training.config.build_deepspeed_config`` by
+``pipeline.training.engine.build_engine`` -- the one builder ``run_pretrain.py`` trains with (same parameter
+groups, weight decay and LR schedule). Batches are masked by ``pipeline.data.masking`` from fixed random token
 sequences (the content does not change the work) and live on the device before timing starts; the data
 loader is timed separately (``loader ms/batch``: DataLoader with workers, masking + collation, per micro batch)
 so it can be compared with the step time.
@@ -133,16 +134,27 @@ def time_loader(dataset, collator, batch: int, workers: int, batches: int) -> fl
     return 1000.0 * elapsed / max(count, 1)
 
 
-def run_one(preset: str, arch: str, rate: float, precision: str, seq_len: int, batch: int, args,
-            device: torch.device, peak_tflops: float) -> Row:
-    import deepspeed
+def build_bench_engine(model, seq_len: int, batch: int, precision: str, args):
+    """The engine of one row: ``ds_configs/{zero}_{precision}.json`` with one device's batch, built by the
+    training's own builder."""
     from deepspeed.accelerator import get_accelerator
 
+    from pipeline.training.config import TrainingConfig, build_deepspeed_config
+    from pipeline.training.engine import build_engine
+
+    training = TrainingConfig(seq_len=seq_len, global_batch_size=batch, micro_batch_size=batch,
+                              train_steps=10 ** 6, lr=args.lr, seed=args.seed, warmup_proportion=0.0)
+    accelerator = get_accelerator()
+    ds_path = Path(args.ds_config_dir) / f"{args.zero}_{precision}.json"
+    ds_config = build_deepspeed_config(ds_path, training, 1, accelerator.device_name(),
+                                       accelerator.is_fp16_supported(), accelerator.is_bf16_supported())
+    return build_engine(model, training, ds_config, compile_layers=args.compile)
+
+
+def run_one(preset: str, arch: str, rate: float, precision: str, seq_len: int, batch: int, args,
+            device: torch.device, peak_tflops: float) -> Row:
     from model import build_model
-    from model.layers import compile_layers
-    from model.parallel import MegatronMpuForDeepSpeed
     from pipeline.training.flops import training_flops
-    from pipeline.training.trainer import TrainingConfig, build_deepspeed_config
 
     overrides = {"max_positions": max(seq_len, ModelConfig.preset(preset, arch).max_positions)}
     if args.vocab_size:
@@ -156,17 +168,8 @@ def run_one(preset: str, arch: str, rate: float, precision: str, seq_len: int, b
     dataset = SyntheticPackedDataset(masker, seq_len, config.vocab_size,
                                      size=batch * max(args.steps + args.warmup, args.loader_batches + 1))
 
-    training = TrainingConfig(seq_len=seq_len, global_batch_size=batch, micro_batch_size=batch,
-                              train_steps=10 ** 6, lr=args.lr, seed=args.seed)
-    accelerator = get_accelerator()
-    ds_path = Path(args.ds_config_dir) / f"{args.zero}_{precision}.json"
-    ds_config = build_deepspeed_config(ds_path, training, 1, accelerator.device_name(),
-                                       accelerator.is_fp16_supported(), accelerator.is_bf16_supported())
     model = build_model(config, init_seed=args.seed)
-    if args.compile:
-        compile_layers(model)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()],
-                                      config=ds_config, mpu=MegatronMpuForDeepSpeed(), dist_init_required=False)
+    engine = build_bench_engine(model, seq_len, batch, precision, args)
 
     batches = [collator([dataset[i * batch + j] for j in range(batch)]) for i in range(args.steps + args.warmup)]
     batches = [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in batches]

@@ -26,9 +26,9 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import random as megatron_random
 
-MODEL_PARALLEL_RNG = megatron_random._MODEL_PARALLEL_RNG_TRACKER_NAME
-DATA_PARALLEL_RNG = megatron_random._DATA_PARALLEL_RNG_TRACKER_NAME
-EXPERT_PARALLEL_RNG = megatron_random._EXPERT_PARALLEL_RNG_TRACKER_NAME
+from pipeline.compat import install_megatron_rng_tracker, megatron_rng_tracker_names
+
+MODEL_PARALLEL_RNG, DATA_PARALLEL_RNG, EXPERT_PARALLEL_RNG = megatron_rng_tracker_names()
 # Same offsets as megatron's model_parallel_cuda_manual_seed, so CPU and GPU runs use the same seeds.
 _TP_SEED_OFFSET = 2718
 # Different dropout masks per data-parallel replica (megatron seeds them equally; nothing needs that).
@@ -82,11 +82,6 @@ class CpuRNGStatesTracker:
             torch.set_rng_state(outer_state)
 
 
-def _register_tracker(tracker) -> None:
-    megatron_random._CUDA_RNG_STATE_TRACKER = tracker
-    megatron_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
-
-
 def get_rng_tracker():
     """The tracker megatron-core and our layers use (``get_cuda_rng_tracker()``)."""
     return megatron_random.get_cuda_rng_tracker()
@@ -115,7 +110,7 @@ def seed_model_parallel_rng(seed: int) -> None:
     tracker.add(DATA_PARALLEL_RNG, default_seed)
     tracker.add(MODEL_PARALLEL_RNG, default_seed + _TP_SEED_OFFSET + tp_rank)
     tracker.add(EXPERT_PARALLEL_RNG, default_seed + 1024)
-    _register_tracker(tracker)
+    install_megatron_rng_tracker(tracker)
 
 
 def initialize_model_parallel(tensor_parallel_size: int = 1, seed: int = 1234) -> None:

@@ -78,7 +78,13 @@ def test_training_does_not_import_evaluation():
 
 
 def test_model_imports_only_the_batch_contract():
-    assert _violations("model", ("pipeline",), allowed=("pipeline.data.batch",)) == []
+    # pipeline.compat is allowed too: a leaf of shims over pinned libraries' internals (it imports no project
+    # module), so model/parallel.py's write into megatron-core's RNG tracker registry sits with the others.
+    assert _violations("model", ("pipeline",), allowed=("pipeline.data.batch", "pipeline.compat")) == []
+
+
+def test_compat_is_a_leaf():
+    assert GRAPH["pipeline.compat"] == set()
 
 
 def test_no_import_cycle():

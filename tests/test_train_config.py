@@ -12,7 +12,8 @@ import pytest
 from pipeline.training import distributed
 from pipeline.errors import ConfigError
 from pipeline.training.schedule import lr_multiplier
-from pipeline.training.trainer import DS_CONFIG_DIR, TrainingConfig, build_deepspeed_config, build_parser, load_recipe
+from pipeline.training.config import (DS_CONFIG_DIR, TrainingConfig, build_deepspeed_config, build_parser,
+                                      load_recipe)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -68,7 +69,7 @@ def test_deepspeed_config_setting_a_hyper_parameter_is_refused(tmp_path):
 
 
 def test_precision_labels_and_autocast_config(tmp_path):
-    from pipeline.training.trainer import precision_of
+    from pipeline.training.config import precision_of
 
     labels = {name: precision_of(build_deepspeed_config(DS_CONFIG_DIR / name, TrainingConfig(), 1, "cuda", True,
                                                         True))
@@ -91,7 +92,7 @@ def test_help_documents_every_argument():
                  "--deepspeed_config", "--save", "--load", "--save-interval", "--keep-last", "--eval-interval",
                  "--log-interval", "--eval-iters", "--stop-at-step", "--peak-tflops"):
         assert flag in out, flag
-    assert "Fraction of ``train_steps`` with a linear warm-up" in out  # field docstrings are the help text
+    assert "Fraction of train_steps with a linear warm-up" in out  # the field metadata is the help text
 
 
 def test_parser_leaves_unset_hyper_parameters_to_the_recipe():
@@ -121,7 +122,7 @@ def test_slurm_nodelist_expansion_without_scontrol(monkeypatch):
 
 
 def test_recipe_resolves_to_table_4_and_explicit_options_win():
-    from pipeline.training.trainer import resolve_config
+    from pipeline.training.config import resolve_config
 
     meta = {"tokenizer": {"vocab_size": 50265, "sha256": "0" * 64},
             "special_tokens": {"bos": 0, "pad": 1, "eos": 2, "unk": 3, "mask": 4}}
@@ -160,3 +161,62 @@ def test_recipe_resolves_to_table_4_and_explicit_options_win():
     with pytest.raises(ConfigError, match=r"unknown ModelConfig field\(s\) \['hidden'\]; known: .*hidden_size"):
         resolve_config(build_parser().parse_args(["--data-prefix", "d", "--model-set", "hidden=3"]), 1, meta,
                        "cpu", False, True)
+
+
+def test_a_bad_setting_is_reported_before_the_distributed_start_up(tiny_dataset_prefix, tmp_path):
+    """run_pretrain.py validates the whole configuration (flags, recipe, DeepSpeed JSON, dataset) before it
+    creates a process group: the error line comes without a traceback and torch.distributed was never
+    initialised (before, a config error came after ~12 s of distributed start-up)."""
+    bad_ds = tmp_path / "bad.json"
+    bad_ds.write_text(json.dumps({"train_batch_size": 8}))
+    probe = ("import sys, torch.distributed as dist\n"
+             "from pipeline.errors import run_cli\n"
+             "from pipeline.training.trainer import main\n"
+             "rc = run_cli(lambda: main(sys.argv[1:]))\n"
+             "print('process group initialised:', dist.is_initialized())\n"
+             "sys.exit(rc)\n")
+    env = {"PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    cases = {("--deepspeed_config", str(bad_ds)): f"{bad_ds} sets train_batch_size",
+             ("--recipe", "huge"): "recipe 'huge': neither a file nor one of",
+             ("--global-batch-size", "6", "--micro-batch-size", "4"): "global batch 6 is not a multiple",
+             ("--masking-rate", "1.5"): "masking: masking rate must be in (0, 1)"}
+    for extra, expected in cases.items():
+        proc = subprocess.run([sys.executable, "-c", probe, "--data-prefix", tiny_dataset_prefix, *extra],
+                              capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+        assert proc.returncode == 1, proc.stderr[-2000:]
+        assert f"error: {expected}" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert "process group initialised: False" in proc.stdout
+
+
+def test_every_option_comes_from_a_documented_dataclass_field():
+    """The command line is generated from the config dataclasses: every option has its field's help text."""
+    import dataclasses
+
+    from pipeline.training import config
+
+    parser = build_parser()
+    helps = {action.dest: action.help for action in parser._actions if action.dest != "help"}
+    for cls in (config.ModelChoice, config.TrainingConfig, config.ParallelConfig, config.RuntimeConfig,
+                config.LauncherOptions):
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("cli", True) is False:
+                assert f.name not in helps
+                continue
+            assert f.metadata["help"], f.name
+            assert helps[f.name].startswith(f.metadata["help"].replace("%", "%%")), f.name
+    assert set(helps) == {f.name for cls in (config.ModelChoice, config.TrainingConfig, config.ParallelConfig,
+                                             config.RuntimeConfig, config.LauncherOptions)
+                          for f in dataclasses.fields(cls) if f.metadata.get("cli", True) is not False}
+
+
+def test_config_dataclasses_validate_when_built():
+    from pipeline.training.config import ParallelConfig, RuntimeConfig
+
+    with pytest.raises(ConfigError, match="lr must be > 0"):
+        TrainingConfig(lr=0.0)
+    with pytest.raises(ConfigError, match="micro_batch_size must be a positive integer"):
+        TrainingConfig(micro_batch_size=0)
+    with pytest.raises(ConfigError, match="--save-interval must be >= 1"):
+        RuntimeConfig(save_interval=0)
+    with pytest.raises(ConfigError, match="tensor_parallel_size 3 does not divide the world size 4"):
+        ParallelConfig.for_world(3, 4)

@@ -14,24 +14,32 @@ Layout of a run (``--save RUN_DIR``)::
           zero_pp_rank_0_mp_rank_00_model_states.pt   (ZeRO-3 instead: one per DP x TP rank)
           *_optim_states.pt                     optimizer partitions (ZeRO) or full optimizer (ZeRO-0)
           run_config.json         client state without tensors: step, consumed samples, config, fingerprints
-          manifest.json           written last: every file's size and sha256; its presence = complete
+          manifest.json           written last: every file's size (+ sha256, see below); its presence = complete
         .partial-step_00002000/   a save in progress (or interrupted); never referenced by ``latest``
         zero_to_fp32.py           DeepSpeed's consolidation script (copied by DeepSpeed on every save)
 
 Commit protocol (rank 0, after a barrier that follows DeepSpeed's own writes on every rank): write
 ``run_config.json`` and ``manifest.json`` into ``.partial-TAG``, rename it to ``TAG``, then replace ``latest``
 (write a temporary file + ``os.replace``). A crash at any point leaves ``latest`` on the previous complete tag.
-Loading verifies the manifest (sizes and hashes) and falls back to the next older complete tag, naming what was
-wrong with the newer one. The layout assumes the checkpoint directory is a file system shared by all ranks.
+Loading verifies the manifest and falls back to the next older complete tag, naming what was wrong with the
+newer one. The layout assumes the checkpoint directory is a file system shared by all ranks.
+
+Integrity, cheap at save and complete at load: a save records every file's size, and the sha256 of the small
+files (JSON, DeepSpeed's script); the ``*.pt`` files are zip archives in which torch stores a CRC-32 of every
+record, so the load-time check reads them once and compares those CRCs (``zipfile.testzip``). A truncated file
+fails the size check, a changed byte the CRC or hash check. Hashing every byte at save (``--checkpoint-sha256``)
+made all ranks wait while rank 0 read the whole checkpoint again (measured in docs/DESIGN.md).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import re
 import shutil
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -48,6 +56,9 @@ MANIFEST_FILE = "manifest.json"
 RUN_CONFIG_FILE = "run_config.json"
 PARTIAL_PREFIX = ".partial-"
 FORMAT_VERSION = 1
+# Files up to this size are always hashed at save (JSON, scripts); larger ones are checked through torch's
+# per-record CRC-32 at load unless --checkpoint-sha256 hashes them too.
+SMALL_FILE_BYTES = 1 << 20
 TAG_PATTERN = re.compile(r"^step_(\d+)$")
 
 # Keys of the DeepSpeed client state (top-level keys of every *_model_states.pt) written by pipeline.training.trainer.
@@ -86,22 +97,33 @@ def partial_tag(tag: str) -> str:
     return PARTIAL_PREFIX + tag
 
 
-def build_manifest(tag_dir: Path, step: int) -> dict:
+def _torch_zip_with_crc(path: Path) -> bool:
+    """True for a torch.save zip archive whose records carry CRC-32s (torch writes them unless turned off)."""
+    return path.suffix == ".pt" and torch.serialization.get_crc32_options() and zipfile.is_zipfile(path)
+
+
+def build_manifest(tag_dir: Path, step: int, sha256_all: bool = False) -> dict:
+    """Every file's size; the sha256 of small files, of files that carry no CRC, or of all (``sha256_all``)."""
     files = {}
     for path in sorted(p for p in Path(tag_dir).rglob("*") if p.is_file() and p.name != MANIFEST_FILE):
-        files[str(path.relative_to(tag_dir))] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+        entry = {"bytes": path.stat().st_size}
+        if sha256_all or entry["bytes"] <= SMALL_FILE_BYTES or not _torch_zip_with_crc(path):
+            entry["sha256"] = file_sha256(path)
+        else:
+            entry["zip_crc32"] = True
+        files[str(path.relative_to(tag_dir))] = entry
     if not files:
         raise CheckpointError(f"{tag_dir}: DeepSpeed wrote no files")
     return {"format_version": FORMAT_VERSION, "step": int(step), "files": files}
 
 
-def commit_checkpoint(ckpt_dir: Path, tag: str, step: int, run_config: dict) -> Path:
+def commit_checkpoint(ckpt_dir: Path, tag: str, step: int, run_config: dict, sha256_all: bool = False) -> Path:
     """Rank 0, after every rank has written its part into ``.partial-TAG``: makes the checkpoint visible."""
     ckpt_dir = Path(ckpt_dir)
     partial = ckpt_dir / partial_tag(tag)
     final = ckpt_dir / tag
     write_json_atomic(partial / RUN_CONFIG_FILE, run_config)
-    write_json_atomic(partial / MANIFEST_FILE, build_manifest(partial, step))
+    write_json_atomic(partial / MANIFEST_FILE, build_manifest(partial, step, sha256_all))
     fsync_dir(partial)
     if final.exists():  # the same step saved again (e.g. a signal right after a periodic save)
         stale = ckpt_dir / f"{PARTIAL_PREFIX}stale-{tag}"
@@ -134,9 +156,28 @@ def verify_checkpoint(tag_dir: Path, check_hashes: bool = True) -> str | None:
         size = path.stat().st_size
         if size != expected["bytes"]:
             return f"{path}: truncated or modified ({size} bytes, manifest says {expected['bytes']})"
-        if check_hashes and file_sha256(path) != expected["sha256"]:
-            return f"{path}: corrupt (sha256 differs from {MANIFEST_FILE})"
+        if not check_hashes:
+            continue
+        if "sha256" in expected:
+            if file_sha256(path) != expected["sha256"]:
+                return f"{path}: corrupt (sha256 differs from {MANIFEST_FILE})"
+        elif expected.get("zip_crc32"):
+            reason = _zip_crc_problem(path)
+            if reason:
+                return f"{path}: corrupt ({reason})"
+        else:
+            return f"{path}: {MANIFEST_FILE} records no check for it"
     return None
+
+
+def _zip_crc_problem(path: Path) -> str | None:
+    """None if every record of the zip archive ``path`` matches its stored CRC-32, else what is wrong."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
+        return f"not a readable torch archive: {error}"
+    return f"record {bad} fails its CRC-32" if bad else None
 
 
 def complete_tags(ckpt_dir: Path) -> list[str]:
@@ -152,9 +193,12 @@ def complete_tags(ckpt_dir: Path) -> list[str]:
 def read_latest(ckpt_dir: Path) -> str | None:
     path = Path(ckpt_dir) / LATEST_FILE
     try:
-        tag = path.read_text().strip()
+        raw = path.read_bytes()
     except OSError:
         return None
+    # Non-ASCII bytes are shown escaped: such a tag names no checkpoint, and the caller falls back past it as
+    # past any other unknown tag.
+    tag = raw.decode("ascii", errors="backslashreplace").strip()
     return tag or None
 
 
@@ -303,3 +347,125 @@ def config_differences(saved: dict, current: dict, ignore_prefixes: Iterable[str
         if va != vb:
             diffs.append(f"{key}: checkpoint {va!r}, now {vb!r}")
     return diffs
+
+
+# Keys of the resolved config that may change between a checkpoint and its resume without a word: where things
+# go, how often we log/evaluate/save, and for how long we train (extending a run recomputes the LR horizon).
+RESUMABLE_CHANGES = ("runtime", "launch", "data.prefix", "data.tokenizer", "training.train_steps",
+                     "deepspeed.config_file")
+# Implementation settings a user changes when moving a run to other GPUs: allowed with a notice. The optimizer
+# step still sums the same global batch of the same samples (the sampler cuts it by consumed samples), so the
+# resume is exact in the math but not bitwise (other summation orders, other dropout draws per micro batch).
+IMPLEMENTATION_CHANGES = ("training.micro_batch_size", "parallel.gradient_accumulation_steps",
+                          "deepspeed.config.train_micro_batch_size_per_gpu",
+                          "deepspeed.config.gradient_accumulation_steps", "deepspeed.config.zero_optimization",
+                          "deepspeed.config.optimizer.params.torch_adam", "deepspeed.config.steps_per_print",
+                          "deepspeed.config.wall_clock_breakdown", "deepspeed.config.zero_allow_untested_optimizer",
+                          "deepspeed.config.flops_profiler", "deepspeed.config.comms_logger",
+                          "deepspeed.config.checkpoint")
+# ... except these, which change what the optimizer state means or how it is partitioned.
+NOT_IMPLEMENTATION = ("deepspeed.config.zero_optimization.stage",)
+
+
+def _under(key: str, prefixes: Iterable[str]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def resume_differences(saved: dict, current: dict) -> tuple[list[str], list[str]]:
+    """(notices, refusals) for resuming a checkpoint saved with config ``saved`` under config ``current``
+    (both ``ResolvedConfig.to_dict()``): implementation settings that changed (allowed, said out loud) and
+    every other difference that matters (model, data, masking, optimiser hyper-parameters, layout)."""
+    notices, refusals = [], []
+    for diff in config_differences(saved, current, RESUMABLE_CHANGES):
+        key = diff.split(":", 1)[0]
+        if _under(key, IMPLEMENTATION_CHANGES) and not _under(key, NOT_IMPLEMENTATION):
+            notices.append(diff)
+        else:
+            refusals.append(diff)
+    return notices, refusals
+
+
+# --------------------------------------------------------------------------------------------- save / load
+
+def _save_failure(error: BaseException, path: Path) -> str:
+    """One line for a failed save. torch's zip writer reports a full disk as a RuntimeError without errno
+    (``[enforce fail at inline_container.cc] ... unexpected pos``), so a nearly full file system is named as
+    the cause when the error itself carries none."""
+    from pipeline.errors import describe_os_error, one_line
+
+    if isinstance(error, OSError):
+        return describe_os_error(error)
+    try:
+        stats = os.statvfs(path if path.exists() else path.parent)
+        nearly_full = stats.f_bavail * stats.f_frsize < 64 << 20
+    except OSError:
+        nearly_full = False
+    if nearly_full:
+        return f"{path}: {os.strerror(errno.ENOSPC).lower()}"
+    return f"{path}: {one_line(error)}"
+
+
+def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, run_config: dict, keep_last: int,
+                    control_group, is_rank0: bool, sha256_all: bool = False, pause=None) -> tuple[str, list[str]]:
+    """Every rank: DeepSpeed writes into ``.partial-TAG``; after all ranks succeeded, rank 0 commits it (the
+    protocol in the module docstring) and prunes old checkpoints. A failed write on any rank (e.g. a full disk)
+    is agreed by all ranks, rank 0 removes the partial directory, and every rank raises the same one-line
+    ``CheckpointError``. Returns (tag, removed names). ``pause``: the tests' hook, called between the writes and
+    the commit."""
+    import torch.distributed as dist
+
+    tag = tag_for_step(step)
+    partial = Path(ckpt_dir) / partial_tag(tag)
+    if is_rank0:
+        Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    failure = None
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=partial_tag(tag), client_state=client_state, save_latest=False)
+    except (OSError, RuntimeError) as error:
+        failure = _save_failure(error, partial)
+        # DeepSpeed's save ends with a barrier on the default group that the ranks whose writes succeeded are
+        # waiting in: join it, then agree on the outcome below.
+        dist.barrier()
+    if pause is not None:
+        pause()
+    flag = torch.tensor([0 if failure is None else 1], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=control_group)
+    if int(flag.item()):
+        reasons: list = [None] * dist.get_world_size(control_group)
+        dist.all_gather_object(reasons, failure, group=control_group)
+        if is_rank0:
+            shutil.rmtree(partial, ignore_errors=True)
+        dist.barrier(group=control_group)
+        reason = next(r for r in reasons if r is not None)
+        raise CheckpointError(f"{reason} (checkpoint of step {step} not saved; its partial directory was removed)")
+    removed: list[str] = []
+    if is_rank0:
+        try:
+            commit_checkpoint(ckpt_dir, tag, step, run_config, sha256_all)
+        except OSError as error:
+            failure = _save_failure(error, partial)
+            shutil.rmtree(partial, ignore_errors=True)
+        else:
+            removed = prune_checkpoints(ckpt_dir, keep_last)
+    outcome = [failure]
+    dist.broadcast_object_list(outcome, src=0, group=control_group)
+    if outcome[0] is not None:
+        raise CheckpointError(f"{outcome[0]} (checkpoint of step {step} not saved; its partial directory was "
+                              "removed)")
+    return tag, removed
+
+
+def load_checkpoint(engine, point: ResumePoint) -> dict:
+    """Loads ``point`` into ``engine`` (module, optimizer and LR scheduler states) and returns the client state.
+    Undoes what DeepSpeed's ZeRO-3 universal loader changes in the optimizer (``pipeline.compat``)."""
+    from pipeline.compat import optimizer_weight_decays, undo_zero3_universal_loader_changes
+
+    optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    weight_decays = optimizer_weight_decays(optimizer)
+    path, client_state = engine.load_checkpoint(str(point.ckpt_dir), tag=point.tag, load_optimizer_states=True,
+                                                load_lr_scheduler_states=True)
+    if path is None or client_state is None:
+        raise CheckpointError(f"DeepSpeed could not load {point.tag_dir}")
+    undo_zero3_universal_loader_changes(optimizer, weight_decays)
+    return client_state

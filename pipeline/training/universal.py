@@ -17,7 +17,8 @@ How (all DeepSpeed's own machinery):
 1. rank 0 converts the checkpoint to the universal format with ``deepspeed.checkpoint.ds_to_universal``
    (per-parameter fp32 weights and Adam moments, merged over the DP partitions);
 2. every rank builds the model and the DeepSpeed engine exactly as ``run_pretrain.py`` would for the new world
-   (``pipeline.training.trainer.resolve_config`` on the checkpoint's own configuration), loads the universal checkpoint
+   (``ResolvedConfig.from_dict`` on the checkpoint's own configuration, ``pipeline.training.engine.build_engine``:
+   the same builder, so the same parameter groups in the same order), loads the universal checkpoint
    with ``checkpoint.load_universal`` (which re-partitions the optimizer state for the new DP size) and the LR
    scheduler state;
 3. it saves a native checkpoint for the new world with the same step and ``consumed_samples`` (the data
@@ -97,30 +98,6 @@ def convert_to_universal(tag_dir: Path, output_dir: Path, tp_rank: int = 0) -> P
     return output_dir
 
 
-def pretrain_args_from_config(saved: dict, save_dir: str) -> list[str]:
-    """run_pretrain.py arguments that resolve to the checkpoint's configuration (every value explicit, so the
-    result does not depend on defaults or recipe files changing)."""
-    runtime, training, model = saved["runtime"], saved["training"], saved["model"]
-    args = ["--data-prefix", runtime["data_prefix"], "--save", save_dir,
-            "--architecture", model["architecture"], "--model-preset", "tiny",
-            "--deepspeed_config", saved["deepspeed"]["config_file"]]
-    if runtime.get("tokenizer"):
-        args += ["--tokenizer", runtime["tokenizer"]]
-    if saved.get("recipe"):
-        args += ["--recipe", saved["recipe"]]
-    for key, value in model.items():
-        if key != "architecture":  # its own option
-            args += ["--model-set", f"{key}={json.dumps(value)}"]
-    masking = saved["masking"]
-    args += ["--masking-rate", str(masking["rate"]), "--masking-strategy", str(masking["strategy"]),
-             "--masking-seed", str(masking["seed"])]
-    for key, value in training.items():
-        args += ["--" + key.replace("_", "-"), repr(value) if isinstance(value, float) else str(value)]
-    for key in ("save_interval", "keep_last", "log_interval", "eval_interval", "eval_iters", "num_workers"):
-        args += ["--" + key.replace("_", "-"), str(runtime[key])]
-    return args
-
-
 def _rank_states_for_new_world(old_states: list, fresh_states: list) -> list:
     """Rank r of the new world keeps old rank r's RNG states if that rank existed (same TP rank: both worlds put
     consecutive ranks in one TP group); ranks beyond the old world get fresh streams."""
@@ -131,20 +108,19 @@ def reshard(source: str | os.PathLike, output: str | os.PathLike, tag: str | Non
             keep_universal: bool = False) -> Path:
     """Re-shards checkpoint ``source`` for the current world (see module docstring); returns the new tag dir.
     Call on every rank of the new world."""
-    import deepspeed
-    import torch
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
     from megatron.core import parallel_state
 
     from model import build_model
-    from model.parallel import MegatronMpuForDeepSpeed, initialize_model_parallel
+    from model.parallel import initialize_model_parallel
+    from pipeline.compat import disable_universal_checkpoint_loading
+    from pipeline.io import canonical_json_sha256
     from pipeline.training.checkpoint import (CheckpointError, capture_rng_state, checkpoints_dir, commit_checkpoint,
                                               find_resume_point, partial_tag, read_run_config)
-    from pipeline.io import canonical_json_sha256
+    from pipeline.training.config import ResolvedConfig
     from pipeline.training.distributed import control_group, init_distributed
-    from pipeline.training.schedule import lr_multiplier
-    from pipeline.training.trainer import build_parser, resolve_config
+    from pipeline.training.engine import build_engine
 
     source, output = Path(source), Path(output)
     try:
@@ -178,38 +154,23 @@ def reshard(source: str | os.PathLike, output: str | os.PathLike, tag: str | Non
     dist.barrier(group=group)
 
     accelerator = get_accelerator()
-    args = build_parser().parse_args(pretrain_args_from_config(saved_config, str(output)))
-    args.tensor_parallel_size = tp_size
-    config = resolve_config(args, world_size, saved["dataset_meta"], accelerator.device_name(),
-                            accelerator.is_fp16_supported(), accelerator.is_bf16_supported())
+    # The checkpoint's own configuration, laid out for the new world (no trip through the command line).
+    config = ResolvedConfig.from_dict(saved_config, world_size, saved["dataset_meta"], accelerator.device_name(),
+                                      accelerator.is_fp16_supported(), accelerator.is_bf16_supported(),
+                                      save=str(output))
     config.launch = launch.to_dict()
     initialize_model_parallel(config.tensor_parallel_size, config.training.seed)
 
-    model = build_model(config.model)
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim < 2 else decay).append(param)
-    training = config.training
-    param_groups = [{"params": decay, "weight_decay": training.weight_decay},
-                    {"params": no_decay, "weight_decay": 0.0}]
-
-    def make_scheduler(optimizer):
-        return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda i: lr_multiplier(i, training.warmup_steps, training.train_steps))
-
     # load_universal only for this engine: the saved configuration (and the resumed run) stay native.
-    engine_config = dict(config.deepspeed, checkpoint={"load_universal": zero_stage > 0})
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups, config=engine_config,
-                                           lr_scheduler=make_scheduler, mpu=MegatronMpuForDeepSpeed(),
-                                           dist_init_required=False)
+    engine = build_engine(build_model(config.model), config.training, config.deepspeed,
+                          load_universal=zero_stage > 0)
     load_dir = (universal_dir / f"tp_{parallel_state.get_tensor_model_parallel_rank():02d}" if zero_stage > 0
                 else point.ckpt_dir)
     path, client_state = engine.load_checkpoint(str(load_dir), tag=point.tag, load_optimizer_states=True,
                                                 load_lr_scheduler_states=True)
     if path is None or client_state is None:
         raise UniversalError(f"DeepSpeed could not load {load_dir / point.tag}")
-    engine._config.load_universal_checkpoint = False  # save natively
+    disable_universal_checkpoint_loading(engine)  # save natively
 
     fresh = [None] * world_size
     dist.all_gather_object(fresh, capture_rng_state(), group=group)
@@ -279,17 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from pipeline.training.checkpoint import CheckpointError
-    from pipeline.training.trainer import ConfigError
-
+    """``python -m pipeline reshard``: errors reach ``pipeline.errors.run_cli`` (one line)."""
     args = build_parser().parse_args(argv)
-    try:
-        reshard(args.source, args.output, tag=args.tag, keep_universal=args.keep_universal)
-    except (UniversalError, CheckpointError, ConfigError) as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        return 1
+    reshard(args.source, args.output, tag=args.tag, keep_universal=args.keep_universal)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipeline.errors import exit_on_data_error
+
+    exit_on_data_error(main)
