@@ -20,7 +20,9 @@ a custom task: the mean of its ``--metrics``); epochs, runs and grid points are 
 of an even number of seeds is the mean of the two middle runs. Metrics shown for a task are
 those of its median run(s), so the displayed metrics always average to the displayed task score. RTE, STS-B
 and MRPC can start from an MNLI-fine-tuned model (``--init-from DIR``, or ``--init-from mnli`` to use the best
-MNLI model of this invocation); a classifier head whose label count differs is re-initialised.
+MNLI model of this invocation); a classifier head whose label count differs is re-initialised. Only the head
+may be new: a model whose encoder tensors are missing or of another shape is refused (they would otherwise be
+re-initialised at random without a word).
 
 Outputs under ``--output-dir`` (written atomically, updated after every task): ``results.json`` (config, every
 run's per-epoch metrics, both selections, the macro average) and ``results.md`` (a Table-3-style row). Scores
@@ -141,6 +143,9 @@ class FinetuneConfig:
 
     def seed_list(self) -> list[int]:
         return [self.base_seed + offset for offset in range(self.seeds)]
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self) -> None:
         if self.seeds < 1:
