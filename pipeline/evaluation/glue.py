@@ -40,8 +40,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-import scipy.stats
-import sklearn.metrics
 
 from pipeline.errors import DataError
 
@@ -78,6 +76,8 @@ def accuracy(predictions: Sequence[int], labels: Sequence[int]) -> float:
 
 def f1_binary(predictions: Sequence[int], labels: Sequence[int], positive_label: int = 1) -> float:
     """F1 of the positive class (GLUE's MRPC/QQP F1); 0.0 when there are no positives on either side."""
+    import sklearn.metrics  # here, not at the top: importing it takes seconds, most commands never score
+
     predictions_array, labels_array = _as_arrays(predictions, labels)
     # Positive class against the rest, so any other label value counts as negative (as GLUE's F1 does).
     return float(sklearn.metrics.f1_score(labels_array == positive_label, predictions_array == positive_label,
@@ -88,6 +88,8 @@ def matthews_corrcoef(predictions: Sequence[int], labels: Sequence[int]) -> floa
     """Matthews correlation (multi-class form, Gorodkin 2004; equals the binary formula for two classes).
 
     0.0 when the denominator is zero (constant predictions or constant labels): scikit-learn's own rule."""
+    import sklearn.metrics
+
     predictions_array, labels_array = _as_arrays(predictions, labels)
     if np.unique(np.concatenate([labels_array, predictions_array])).size < 2:
         return 0.0  # one class in all: the zero denominator, without scikit-learn's single-label warning
@@ -112,11 +114,15 @@ def _correlation(statistic, predictions: Sequence[float], labels: Sequence[float
 
 def pearson(predictions: Sequence[float], labels: Sequence[float]) -> float:
     """Pearson correlation (scipy); 0.0 when either side is constant or there are fewer than two values."""
+    import scipy.stats
+
     return _correlation(scipy.stats.pearsonr, predictions, labels)
 
 
 def spearman(predictions: Sequence[float], labels: Sequence[float]) -> float:
     """Spearman rank correlation (scipy, ties averaged); 0.0 when either side is constant or has < 2 values."""
+    import scipy.stats
+
     return _correlation(scipy.stats.spearmanr, predictions, labels)
 
 
