@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from pipeline.evaluation import report
 
 
@@ -35,3 +37,41 @@ def test_report_missing_metrics_is_a_one_line_error(tmp_path, capsys):
     assert report.main([str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "metrics.jsonl: not found" in err and err.count("\n") == 1
+
+
+def test_unigram_perplexity_is_train_frequencies_on_valid_corruptible_tokens(tiny_dataset_prefix):
+    import math
+    from collections import Counter
+
+    from pipeline.data.meta import import_indexed_dataset_module, load_meta
+
+    meta = load_meta(tiny_dataset_prefix)
+    vocab, special = meta["tokenizer"]["vocab_size"], meta["special_tokens"]
+    never_corrupted = {special["bos"], special["eos"], special["pad"], special["mask"]}
+    indexed = import_indexed_dataset_module().IndexedDataset
+
+    def counts(split):  # document by document, not through report's single read of the .bin
+        data = indexed(f"{tiny_dataset_prefix}_{split}")
+        return Counter(int(t) for i in range(len(data)) for t in data[i] if int(t) not in never_corrupted)
+
+    train, valid = counts("train"), counts("valid")
+    total = sum(train.values()) + vocab - len(never_corrupted)
+    expected = math.exp(-sum(n * math.log((train[t] + 1) / total) for t, n in valid.items()) / sum(valid.values()))
+    value = report.unigram_perplexity(tiny_dataset_prefix)
+    assert value == pytest.approx(expected, rel=1e-9)
+    assert 50 < value < vocab  # frequencies beat the uniform guess
+
+
+def test_report_draws_unigram_line_and_ratio(tmp_path, capsys, tiny_dataset_prefix):
+    run_dir = tmp_path / "run"
+    write_metrics(run_dir)
+    (run_dir / "config.json").write_text(json.dumps({"data": {"prefix": tiny_dataset_prefix}}))
+    unigram = report.unigram_perplexity(tiny_dataset_prefix)
+    assert report.main([str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert f"masked-token perplexity 45.0 = {45.0 / unigram:.2f} x the unigram {unigram:,.1f}" in out
+    (run_dir / "config.json").write_text(json.dumps({"data": {"prefix": str(tmp_path / "gone")}}))
+    assert report.main([str(run_dir)]) == 0  # the dataset moved away: curves without the line
+    assert "x the unigram" not in capsys.readouterr().out
+    assert report.main([str(run_dir), "--data-prefix", str(tmp_path / "gone")]) == 1
+    assert "gone.meta.json" in capsys.readouterr().err

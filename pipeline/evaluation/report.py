@@ -2,18 +2,25 @@
 
 Reads ``RUN_DIR/metrics.jsonl`` (written by ``pipeline.training.trainer``) and draws, side by side, the training loss (with
 the validation loss on top) and the validation perplexity of masked, replaced and unchanged tokens. Writes
-``RUN_DIR/loss_curves.png`` unless ``--output`` says otherwise.
+``RUN_DIR/loss_curves.png`` unless ``--output`` says otherwise. With ``--data-prefix`` (or the run's own
+``config.json``), the unigram perplexity of the validation split is drawn as a dashed line: the level a model
+reaches by predicting word frequencies alone, without any context.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Sequence
 
-from pipeline.errors import PipelineError
+import numpy as np
+
+from pipeline.data.dataset import open_indexed_dataset
+from pipeline.data.meta import load_meta, split_prefix
+from pipeline.errors import DataError, PipelineError
 
 KINDS = ("masked", "replaced", "unchanged")
 DEFAULT_PNG = "loss_curves.png"
@@ -43,7 +50,50 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
     return train, evals
 
 
-def draw(run_dir: str | Path, output: str | Path | None = None) -> Path:
+def _token_counts(prefix: str | Path, split: str, vocab_size: int) -> np.ndarray:
+    """How often each token id occurs in one split (all documents, specials included)."""
+    indexed = open_indexed_dataset(split_prefix(prefix, split))
+    # The whole .bin in one read through megatron-core's reader (documents are stored back to back).
+    tokens = indexed.bin_reader.read(indexed.index.dtype, int(np.sum(indexed.sequence_lengths)), 0)
+    if tokens.size and int(tokens.max()) >= vocab_size:
+        raise DataError(f"{split_prefix(prefix, split)}.bin: token id {int(tokens.max())} >= vocab size {vocab_size}")
+    return np.bincount(tokens.astype(np.int64), minlength=vocab_size)
+
+
+def unigram_perplexity(prefix: str | Path) -> float:
+    """Unigram perplexity of the validation split of the preprocessed dataset at ``prefix``.
+
+    Definition: p(t) = (c_train(t) + 1) / (N_train + |C|), the add-one smoothed frequency of token t among the
+    corruptible tokens of the *train* split (C: every id except <s>, </s>, <pad>, <mask>, the ids masking never
+    corrupts; N_train: their count), so that a token unseen in training keeps a finite cost; the perplexity is
+    exp(-mean log p(t)) over the corruptible tokens t of the *valid* split. It is the masked-token perplexity of
+    a model that ignores the context and predicts frequencies only: ``ppl_masked`` below it means the model
+    uses the context.
+    """
+    meta = load_meta(prefix)
+    vocab_size = int(meta["tokenizer"]["vocab_size"])
+    special = meta["special_tokens"]
+    corruptible = np.ones(vocab_size, dtype=bool)
+    corruptible[[special["bos"], special["eos"], special["pad"], special["mask"]]] = False
+    train = _token_counts(prefix, "train", vocab_size) * corruptible
+    valid = _token_counts(prefix, "valid", vocab_size) * corruptible
+    if valid.sum() == 0:
+        raise DataError(f"{split_prefix(prefix, 'valid')}.bin: no corruptible tokens")
+    log_p = np.log(train + 1.0) - math.log(train.sum() + corruptible.sum())
+    return float(math.exp(-(valid * log_p).sum() / valid.sum()))
+
+
+def run_data_prefix(run_dir: str | Path) -> str | None:
+    """The --data-prefix a run was trained on, from its ``config.json`` (None if not recorded)."""
+    path = Path(run_dir) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return config.get("data", {}).get("prefix") if isinstance(config.get("data"), dict) else None
+
+
+def draw(run_dir: str | Path, output: str | Path | None = None, unigram_ppl: float | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")  # files only: works without a display
@@ -61,6 +111,9 @@ def draw(run_dir: str | Path, output: str | Path | None = None) -> Path:
             points = [(r["step"], r[f"ppl_{kind}"]) for r in evals if r.get(f"ppl_{kind}") is not None]
             if points:
                 ax_ppl.plot(*zip(*points), "o-", label=f"{kind} tokens")
+        if unigram_ppl is not None:
+            ax_ppl.axhline(unigram_ppl, color="black", ls="--", lw=1.2,
+                           label=f"unigram (no context) {unigram_ppl:,.0f}")
         ax_ppl.set_yscale("log")
     else:
         ax_ppl.text(0.5, 0.5, "no validation yet", ha="center", va="center", transform=ax_ppl.transAxes)
@@ -78,7 +131,7 @@ def draw(run_dir: str | Path, output: str | Path | None = None) -> Path:
     return output
 
 
-def summary(run_dir: str | Path) -> str:
+def summary(run_dir: str | Path, unigram_ppl: float | None = None) -> str:
     train, evals = read_metrics(run_dir)
     parts = []
     if train:
@@ -87,6 +140,10 @@ def summary(run_dir: str | Path) -> str:
     if evals:
         parts.append(f"validation loss {evals[0]['loss']:.3f} (step {evals[0]['step']}) -> "
                      f"{evals[-1]['loss']:.3f} (step {evals[-1]['step']})")
+        masked = evals[-1].get("ppl_masked")
+        if masked is not None:
+            parts.append(f"masked-token perplexity {masked:,.1f}"
+                         + (f" = {masked / unigram_ppl:.2f} x the unigram {unigram_ppl:,.1f}" if unigram_ppl else ""))
     return "; ".join(parts)
 
 
@@ -94,11 +151,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline report", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", help="run directory (run_pretrain.py --save)")
     parser.add_argument("--output", help=f"PNG path [default: RUN_DIR/{DEFAULT_PNG}]")
+    parser.add_argument("--data-prefix", help="dataset whose unigram perplexity is drawn [default: the run's own "
+                        "--data-prefix, from RUN_DIR/config.json, if it is still there]")
     args = parser.parse_args(argv)
     try:
-        path = draw(args.run_dir, args.output)
-        print(summary(args.run_dir))
-    except ReportError as error:
+        prefix = args.data_prefix or run_data_prefix(args.run_dir)
+        unigram = None
+        if args.data_prefix or (prefix and Path(f"{prefix}.meta.json").is_file()):
+            unigram = unigram_perplexity(prefix)
+        path = draw(args.run_dir, args.output, unigram)
+        print(summary(args.run_dir, unigram))
+    except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"wrote {path}")
