@@ -5,12 +5,14 @@ A GPU step is host-bound when Python issues work slower than the GPU runs it (RE
 the 3ML steps are). On a CPU with a tiny-width model the compute is negligible, so what is measured here is
 what the host does per optimizer step -- the part a GPU run cannot hide:
 
-* ``wall ms``: median wall time of one optimizer step (``accumulation`` micro batches: forward, backward,
-  ``engine.step()``), rank 0;
+* ``wall ms``: median and minimum wall time of one optimizer step (``accumulation`` micro batches: forward,
+  backward, ``engine.step()``), rank 0. The ratios use the minimum: the host work of a step is fixed, and on a
+  shared machine other processes can only add to it;
 * ``hooks``: Python gradient hooks that fired in one optimizer step (every hook registered on a parameter --
   DeepSpeed ZeRO-1/2's ``register_post_accumulate_grad_hook`` per parameter -- is wrapped with a counter);
 * ``ATen ops``: operators dispatched in one optimizer step (a ``TorchDispatchMode`` counter: forward, backward,
-  gradient reduction, optimizer), and ``fwd ops``, those of the forwards alone;
+  gradient reduction, optimizer); ``fwd ops``, those of the forwards alone, and ``dec-layer fwd ops``, those
+  inside the 3ML decoder's Transformer layers (what 3ML adds to MLM's layer stack by construction);
 * ``params``: parameter tensors (the per-parameter work scales with it).
 
 Every configuration runs in the same processes and their timed steps are interleaved (round-robin blocks), so
@@ -23,7 +25,8 @@ CPU (the README table)::
 
 CI (small depth, counts asserted in tests/test_host_overhead.py)::
 
-    python -m bench.host_overhead --encoder-layers 2 --decoder-layers 1 --steps 2 --warmup 1 --ranks 1
+    python -m bench.host_overhead --encoder-layers 2 --decoder-layers 1 --steps 1 --rounds 1 --warmup 1 \
+        --ranks 1 --paths zero2_fp32,zero0_fp32
 """
 
 from __future__ import annotations
@@ -51,10 +54,14 @@ from pipeline.data.masking import Masker, MaskingCollator, MaskingConfig
 REPO = Path(__file__).resolve().parent.parent
 SPECIAL = SpecialTokens(bos=0, pad=1, eos=2, unk=3, mask=4)  # RoBERTa's special ids; no tokenizer needed
 DEFAULT_RUNS = "mlm:0.15,3ml-self:0.5,3ml-cross:0.5"
-# Path name -> ds_configs/ file (fp32 on CPU: the host work of the mixed-precision variants is the same
-# per-parameter machinery, and DeepSpeed's CPU accelerator lacks fp16). "zero2" is today's default layout.
-PATHS = {"zero2": "zero2_fp32.json", "zero0": "zero0_fp32.json", "zero1": "zero1_fp32.json",
-         "zero2-nohooks": None}
+# A path is a ds_configs/ file, ZEROSTAGE_PRECISION.json, named without ".json": zero2_* is today's layout
+# (the ratios' baseline, same precision), zero0_* the hook-free one. DeepSpeed's CPU accelerator has no fp16;
+# its bf16 mode runs the same mixed-precision wrappers (ZeRO-2's optimizer, ZeRO-0's flat FP16_Optimizer).
+DEFAULT_PATHS = "zero2_fp32,zero0_fp32,zero2_bf16,zero0_bf16"
+
+
+def precision(path: str) -> str:
+    return path.split("_", 1)[1]
 
 
 @dataclass
@@ -66,9 +73,11 @@ class Row:
     compile: str
     params: int
     wall_ms: float
+    min_ms: float
     hooks: int
     aten_ops: int | None
     forward_ops: int | None
+    decoder_layer_forward_ops: int | None
     top_ops: list = field(default_factory=list)
     wall_ratio_vs_zero2: float | None = None
     ops_ratio_vs_mlm: float | None = None
@@ -77,15 +86,28 @@ class Row:
 
 class OpCounter(TorchDispatchMode):
     """Counts the ATen operators dispatched while active (``torch.utils._python_dispatch``'s mode: every op
-    below autograd passes through ``__torch_dispatch__`` once)."""
+    below autograd passes through ``__torch_dispatch__`` once); ``scoped`` counts those dispatched inside the
+    forwards of ``watch``-ed modules."""
 
     def __init__(self):
         super().__init__()
         self.counts: collections.Counter = collections.Counter()
+        self.scoped = 0
+        self._depth = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.counts[str(func.overloadpacket)] += 1
+        self.scoped += self._depth > 0
         return func(*args, **(kwargs or {}))
+
+    def watch(self, modules) -> list:
+        """Forward hooks that mark ``modules``' forwards as the scope; returns their handles."""
+        def enter(*_):
+            self._depth += 1
+
+        def leave(*_):
+            self._depth -= 1
+        return [h for m in modules for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
 
     @property
     def total(self) -> int:
@@ -137,33 +159,30 @@ def model_config(arch: str, args) -> ModelConfig:
         max_positions=args.seq_len, hidden_dropout=0.1, attention_dropout=0.1)
 
 
-def ds_config_for(path: str, args, world: int) -> dict:
-    from deepspeed.accelerator import get_accelerator
-
-    from pipeline.training.trainer import TrainingConfig, build_deepspeed_config
+def training_config(args, world: int):
+    from pipeline.training.config import TrainingConfig
 
     micro = args.micro_batch
-    training = TrainingConfig(seq_len=args.seq_len, global_batch_size=micro * args.accumulation * world,
-                              micro_batch_size=micro, train_steps=10 ** 6, lr=1e-4, seed=args.seed)
+    return TrainingConfig(seq_len=args.seq_len, global_batch_size=micro * args.accumulation * world,
+                          micro_batch_size=micro, train_steps=10 ** 6, lr=1e-4, seed=args.seed)
+
+
+def ds_config_for(path: str, training, world: int) -> dict:
+    from deepspeed.accelerator import get_accelerator
+
+    from pipeline.training.config import build_deepspeed_config
+
     accelerator = get_accelerator()
-    file = PATHS[path] or PATHS["zero2"]
-    ds = build_deepspeed_config(REPO / "ds_configs" / file, training, world, accelerator.device_name(),
-                                accelerator.is_fp16_supported(), accelerator.is_bf16_supported())
-    if path == "zero2-nohooks":
-        # What ZeRO-2 costs without its hooks: ZeRO-1 without contiguous gradient buffers registers none.
-        ds["zero_optimization"].update({"stage": 1, "contiguous_gradients": False, "overlap_comm": False})
-    return ds
+    return build_deepspeed_config(REPO / "ds_configs" / f"{path}.json", training, world, accelerator.device_name(),
+                                  accelerator.is_fp16_supported(), accelerator.is_bf16_supported())
 
 
 class Config:
     """One (path, architecture, rate, compile) engine with its batches, ready to step."""
 
     def __init__(self, path: str, arch: str, rate: float, compile_mode: str, args, world: int, rank: int):
-        import deepspeed
-
         from model import build_model
-        from model.layers import compile_layers
-        from model.parallel import MegatronMpuForDeepSpeed
+        from pipeline.training.engine import build_engine
 
         self.path, self.arch, self.rate, self.compile_mode = path, arch, rate, compile_mode
         self.accumulation = args.accumulation
@@ -179,14 +198,10 @@ class Config:
                        for i in range(args.accumulation)]
         model = build_model(config, init_seed=args.seed)
         self.params = sum(1 for p in model.parameters() if p.requires_grad)
-        if compile_mode == "layers":
-            compile_layers(model)
-        decay = [p for p in model.parameters() if p.ndim >= 2]
-        no_decay = [p for p in model.parameters() if p.ndim < 2]
-        groups = [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}]
-        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=groups,
-                                               config=ds_config_for(path, args, world),
-                                               mpu=MegatronMpuForDeepSpeed(), dist_init_required=False)
+        training = training_config(args, world)
+        # The engine run_pretrain.py trains (pipeline.training.engine's one builder).
+        self.engine = build_engine(model, training, ds_config_for(path, training, world),
+                                   compile_layers=compile_mode == "layers")
         if compile_mode == "model":
             self.engine.compile(compile_kwargs={"dynamic": False})
         self.hooks = HookCounter(self.engine.module)
@@ -213,17 +228,21 @@ class Config:
     def counted_step(self, top: int) -> dict:
         fired_before = self.hooks.fired
         forward = OpCounter()
+        decoder = getattr(self.engine.module, "decoder", None)
+        handles = forward.watch(decoder.layers if decoder is not None else [])
         if self.compile_mode == "none":
             with OpCounter() as total:
                 self.optimizer_step(forward_counter=forward)
-            ops, fwd_ops = total.total, forward.total
+            ops, fwd_ops, decoder_ops = total.total, forward.total, forward.scoped
             top_ops = total.counts.most_common(top)
         else:  # compiled code under a dispatch mode would run another way: count hooks only
             self.optimizer_step()
-            ops = fwd_ops = None
+            ops = fwd_ops = decoder_ops = None
             top_ops = []
+        for handle in handles:
+            handle.remove()
         return {"hooks": self.hooks.fired - fired_before, "aten_ops": ops, "forward_ops": fwd_ops,
-                "top_ops": top_ops}
+                "decoder_layer_forward_ops": decoder_ops, "top_ops": top_ops}
 
 
 def worker(args) -> int:
@@ -251,8 +270,8 @@ def worker(args) -> int:
     rows = []
     for config, count in zip(configs, counts):
         rows.append(Row(world, config.path, config.arch, config.rate, config.compile_mode, config.params,
-                        1000.0 * statistics.median(config.times), count["hooks"], count["aten_ops"],
-                        count["forward_ops"], count["top_ops"]))
+                        1000.0 * statistics.median(config.times), 1000.0 * min(config.times), count["hooks"], count["aten_ops"],
+                        count["forward_ops"], count["decoder_layer_forward_ops"], count["top_ops"]))
         assert torch.isfinite(config.last_loss), f"{config.path} {config.arch}: loss {config.last_loss}"
     if rank == 0:
         Path(args.worker_output).write_text(json.dumps([asdict(r) for r in rows]))
@@ -302,13 +321,13 @@ def add_ratios(rows: list[Row]) -> None:
     each architecture's ops and wall time against MLM's (same ranks, path, compile)."""
     for row in rows:
         same = [r for r in rows if (r.ranks, r.compile) == (row.ranks, row.compile)]
-        zero2 = next((r for r in same if r.path == "zero2" and r.architecture == row.architecture
+        zero2 = next((r for r in same if r.path == "zero2_" + precision(row.path) and r.architecture == row.architecture
                       and r.masking_rate == row.masking_rate), None)
         mlm = next((r for r in same if r.path == row.path and r.architecture == "mlm"), None)
         if zero2 is not None:
-            row.wall_ratio_vs_zero2 = row.wall_ms / zero2.wall_ms
+            row.wall_ratio_vs_zero2 = row.min_ms / zero2.min_ms
         if mlm is not None:
-            row.wall_ratio_vs_mlm = row.wall_ms / mlm.wall_ms
+            row.wall_ratio_vs_mlm = row.min_ms / mlm.min_ms
             if row.aten_ops is not None and mlm.aten_ops:
                 row.ops_ratio_vs_mlm = row.aten_ops / mlm.aten_ops
 
@@ -316,20 +335,22 @@ def add_ratios(rows: list[Row]) -> None:
 def format_table(rows: list[Row]) -> str:
     ratio = lambda v: "-" if v is None else f"{v:.2f}x"
     count = lambda v: "-" if v is None else str(v)
-    lines = ["| ranks | path | compile | arch | rate | params | wall ms/step | vs ZeRO-2 | vs MLM | hooks fired "
-             "| ATen ops | fwd ops | ops vs MLM |", "|" + "---|" * 13]
+    lines = ["| ranks | path | compile | arch | rate | params | ms/step median | min | min vs ZeRO-2 | min vs MLM "
+             "| hooks fired | ATen ops | fwd ops | dec-layer fwd ops | ops vs MLM |", "|" + "---|" * 15]
     for r in rows:
         lines.append(f"| {r.ranks} | {r.path} | {r.compile} | {r.architecture} | {r.masking_rate:.2f} | {r.params} "
-                     f"| {r.wall_ms:.1f} | {ratio(r.wall_ratio_vs_zero2)} | {ratio(r.wall_ratio_vs_mlm)} "
-                     f"| {r.hooks} | {count(r.aten_ops)} | {count(r.forward_ops)} | {ratio(r.ops_ratio_vs_mlm)} |")
+                     f"| {r.wall_ms:.1f} | {r.min_ms:.1f} | {ratio(r.wall_ratio_vs_zero2)} | {ratio(r.wall_ratio_vs_mlm)} "
+                     f"| {r.hooks} | {count(r.aten_ops)} | {count(r.forward_ops)} "
+                     f"| {count(r.decoder_layer_forward_ops)} | {ratio(r.ops_ratio_vs_mlm)} |")
     return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.host_overhead", description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", default=DEFAULT_RUNS, help="ARCH:RATE,... (mlm is the baseline)")
-    parser.add_argument("--paths", default="zero2,zero0",
-                        help=f"comma-separated from {', '.join(PATHS)} (zero2 is the ratio's baseline)")
+    parser.add_argument("--paths", default=DEFAULT_PATHS,
+                        help="comma-separated ds_configs/ names without .json (zero2_PRECISION is the baseline "
+                             "of the rows of its precision)")
     parser.add_argument("--compile", default="none",
                         help="comma-separated from none, layers (model.layers.compile_layers), model "
                              "(engine.compile(): the whole forward)")
@@ -357,8 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     for path in args.paths.split(","):
-        if path not in PATHS:
-            parser.error(f"--paths item {path!r}: expected one of {', '.join(PATHS)}")
+        if "_" not in path or not (REPO / "ds_configs" / f"{path}.json").is_file():
+            parser.error(f"--paths item {path!r}: expected the name of a ds_configs/ZERO_PRECISION.json file")
     for mode in args.compile.split(","):
         if mode not in ("none", "layers", "model"):
             parser.error(f"--compile item {mode!r}: expected none, layers or model")
