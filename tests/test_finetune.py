@@ -5,6 +5,7 @@ and clear CLI errors."""
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -416,6 +417,9 @@ def test_resume_reuses_logged_runs(roberta_dir, tmp_path, capsys):
     first = [json.loads(line) for line in log.read_text().splitlines()]
     assert [record["seed"] for record in first] == [1, 2, 3]
     assert (output / "custom" / "best_model" / "model.safetensors").is_file()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {path.stat().st_mode & 0o777 for path in (output / "custom" / "best_model").iterdir()} == {0o666 & ~umask}
     # Interrupted after the first run, while appending the second.
     log.write_text(log.read_text().splitlines()[0] + "\n" + '{"grid_point": {"learn')
     assert finetune.main(argv + ["--resume"]) == 0
@@ -532,5 +536,5 @@ def test_output_failures_are_one_line_naming_the_path(roberta_dir, tmp_path, cap
     with mock.patch("transformers.modeling_utils.safe_save_file", side_effect=failing):
         message = _cli_error(capsys, ["--model", str(roberta_dir), *task, "--output-dir", str(output),
                                       "--save-best-model"])
-    assert message.startswith(f"error: {output / 'custom' / 'best_model'}: cannot write (Error while serializing")
+    assert message == f"error: {output / 'custom' / 'best_model'}: cannot write (no space left on device)"
     assert sorted(path.name for path in (output / "custom").iterdir()) == ["runs.jsonl"]

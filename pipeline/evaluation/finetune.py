@@ -40,8 +40,6 @@ import logging
 import math
 import os
 import shutil
-import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -53,8 +51,10 @@ import torch
 from pipeline.errors import PipelineError, describe_os_error, exit_on_data_error, one_line
 from pipeline.evaluation import glue
 from pipeline.evaluation.glue import TaskData, TaskSpec
-from pipeline.io import write_text_atomic
+from pipeline.io import (default_file_mode, library_os_error, make_staging_dir, publish_directory,
+                         write_text_atomic)
 from pipeline.training.checkpoint import CHECKPOINTS_SUBDIR, LATEST_FILE, RUN_CONFIG_FILE
+from pipeline.training.metrics import setup_logging
 from pipeline.training.schedule import lr_multiplier
 
 logger = logging.getLogger(__name__)
@@ -523,13 +523,6 @@ def _progress(iterable: Iterable, config: FinetuneConfig, **kwargs):
 # ------------------------------------------------------------------------------------------------- outputs
 
 
-def _default_mode(directory: bool) -> int:
-    # mkdtemp creates a private (0700) directory; give the saved model the permissions a plain mkdir would.
-    umask = os.umask(0)
-    os.umask(umask)
-    return (0o777 if directory else 0o666) & ~umask
-
-
 @contextlib.contextmanager
 def writing(path: Path):
     """Turns a failure to write ``path`` (an OSError, also one without a file name such as a full disk during
@@ -542,7 +535,9 @@ def writing(path: Path):
         cause = describe_os_error(OSError(error.errno, error.strerror)) if error.errno else one_line(error)
         raise FinetuneOutputError(f"{path}: cannot write ({cause})") from error
     except SafetensorError as error:
-        raise FinetuneOutputError(f"{path}: cannot write ({one_line(error)})") from error
+        os_error = library_os_error(error, path)
+        cause = describe_os_error(OSError(os_error.errno, os_error.strerror)) if os_error else one_line(error)
+        raise FinetuneOutputError(f"{path}: cannot write ({cause})") from error
 
 
 def write_output_text(path: Path, text: str) -> None:
@@ -553,23 +548,18 @@ def write_output_text(path: Path, text: str) -> None:
 
 
 def save_model_atomically(model, tokenizer, target: Path) -> None:
-    """save_pretrained into a temporary sibling directory, then swap it into place (the old model is renamed
-    aside first and deleted last, so a failure leaves either the old or the new model at ``target``)."""
+    """save_pretrained into a staging directory, published in one rename (``pipeline.io.publish_directory``, as
+    exports are): ``target`` holds the old model or the new one, never a mix; failures as ``writing`` says."""
     with writing(target):
         target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-        previous = target.with_name(f".{target.name}.old-{os.getpid()}")
+        staging = make_staging_dir(target)
         try:
             model.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
-            os.chmod(staging, _default_mode(directory=True))
-            if target.exists():
-                os.replace(target, previous)
-            os.replace(staging, target)
-            shutil.rmtree(previous, ignore_errors=True)
+            for saved in staging.iterdir():  # safetensors writes 0600; the umask decides, as for other outputs
+                os.chmod(saved, default_file_mode())
+            publish_directory(staging, target)
         except BaseException:
-            if previous.exists() and not target.exists():
-                os.replace(previous, target)
             shutil.rmtree(staging, ignore_errors=True)
             raise
 
@@ -968,8 +958,7 @@ def tasks_from_args(args: argparse.Namespace) -> list[TaskSpec]:
 def main(argv: Sequence[str] | None = None) -> int:
     """The command; errors (``PipelineError``, ``OSError``) reach the caller, ``run_cli`` prints them as one line."""
     args = build_parser().parse_args(argv)
-    if not logging.getLogger().handlers:  # progress lines on stderr; a caller's own logging setup wins
-        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    setup_logging(rank=0)  # the "pipeline" logger's messages on stderr, above the tqdm bars
     specs = tasks_from_args(args)
     config = FinetuneConfig(
         model_path=args.model,
