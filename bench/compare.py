@@ -116,11 +116,11 @@ PRESETS = {
                    ranks=1, deepspeed_config="zero2_fp32.json", evals=2, eval_iters=2, finetune_lr=1e-3,
                    finetune_batch=16, finetune_epochs=1, finetune_seeds=2, finetune_max_train=200,
                    finetune_max_length=32, device="cpu"),
-    # 2 CPU cores, ~30 minutes when idle: the demo's model shape on 5 MB of prose.
+    # 2 CPU cores, ~25 minutes when idle: the demo's model shape on 6 MB of prose.
     "cpu": Preset(model=SMALL_MODEL, vocab_size=4000, corpus_bytes=6_000_000, seq_len=128, batch=32,
-                  budget_steps=900, lr=2e-3, warmup=0.06, ranks=2, deepspeed_config="zero2_fp32.json", evals=6,
-                  eval_iters=8, finetune_lr=3e-4, finetune_batch=32, finetune_epochs=3, finetune_seeds=3,
-                  finetune_max_train=4000, finetune_max_length=64, device="cpu"),
+                  budget_steps=600, lr=2e-3, warmup=0.06, ranks=2, deepspeed_config="zero2_fp32.json", evals=6,
+                  eval_iters=8, finetune_lr=3e-4, finetune_batch=32, finetune_epochs=2, finetune_seeds=3,
+                  finetune_max_train=3000, finetune_max_length=64, device="cpu"),
     # One H200, <= 8 minutes (sized from the H100 throughput in README's Performance section; not yet run).
     "gpu": Preset(model={"num_layers": 6, "hidden_size": 512, "ffn_size": 2048, "num_heads": 8,
                          "decoder_num_layers": 2, "decoder_hidden_size": 256, "decoder_ffn_size": 1024,
