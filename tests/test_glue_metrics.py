@@ -337,3 +337,16 @@ def test_custom_bad_inputs(tmp_path):
         glue.custom_task("t", "a.txt", "b.txt", ["text"], "y")
     with pytest.raises(GlueDataError, match="does not apply to a classification task"):
         glue.custom_task("t", "a.csv", "b.csv", ["text"], "y", metrics=["pearson"])
+
+
+def test_non_utf8_file_is_one_line_naming_the_line(tmp_path):
+    """A binary or Latin-1 file used to end in a UnicodeDecodeError traceback."""
+    _write(tmp_path / "dev.csv", ["text,y", "c,pos"])
+    (tmp_path / "train.csv").write_bytes(b"text,y\nfine,pos\ncaf\xe9,neg\n")
+    with pytest.raises(GlueDataError, match=r"train\.csv:3: not UTF-8 text$"):
+        glue.load_task(glue.custom_task("t", str(tmp_path / "train.csv"), str(tmp_path / "dev.csv"), ["text"], "y"))
+    (tmp_path / "train.jsonl").write_bytes(b'{"text": "a", "y": 1}\n{"text": "\xff", "y": 0}\n')
+    (tmp_path / "dev.jsonl").write_text('{"text": "a", "y": 1}\n')
+    with pytest.raises(GlueDataError, match=r"train\.jsonl:2: not UTF-8 text$"):
+        glue.load_task(glue.custom_task("t", str(tmp_path / "train.jsonl"), str(tmp_path / "dev.jsonl"),
+                                        ["text"], "y"))

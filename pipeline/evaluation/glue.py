@@ -384,9 +384,22 @@ def _label_text(value) -> str:
     return str(value).strip()
 
 
+def _first_non_utf8_line(path: Path) -> int:
+    with open(path, "rb") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                return line_number
+    return 0
+
+
 def read_split(path: Path, spec: TaskSpec) -> tuple[list[tuple[str, ...]], list[str], list[int]]:
     """Texts, raw label strings and line numbers of one file; raises GlueDataError on bad input."""
-    rows, skipped = _read_rows(path, spec)
+    try:
+        rows, skipped = _read_rows(path, spec)
+    except UnicodeDecodeError:
+        raise GlueDataError(f"{path}:{_first_non_utf8_line(path)}: not UTF-8 text") from None
     if skipped:
         logger.warning("%s: skipped %d malformed row(s) in %s", spec.name, skipped, path)
     if not rows:
