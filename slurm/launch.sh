@@ -3,9 +3,12 @@
 # inside the batch allocation (exec, so this shell *is* the batch shell and receives `--signal=B:USR1`).
 #
 # What it does, in order:
-#   1. derives the rendezvous: MASTER_ADDR = first host of `scontrol show hostnames "$SLURM_JOB_NODELIST"`,
-#      MASTER_PORT from the job id; each task gets RANK/LOCAL_RANK/WORLD_SIZE from SLURM_PROCID/SLURM_LOCALID/
-#      SLURM_NTASKS (slurm/rank_env.sh); NCCL and OpenMP defaults (only where unset);
+#   1. derives the rendezvous: MASTER_ADDR = the address Slurm has for the first node of the allocation
+#      (`NodeAddr` of `scontrol show node NAME`; the node's name where Slurm has no other address, so node
+#      names need not resolve), MASTER_PORT from the job id; the task count from the allocation itself
+#      (SLURM_NNODES x SLURM_TASKS_PER_NODE: a job requeued onto fewer nodes keeps its submission's stale
+#      SLURM_NTASKS); each task gets RANK/LOCAL_RANK/WORLD_SIZE from SLURM_PROCID/SLURM_LOCALID/the step's task
+#      count (slurm/rank_env.sh, which logs each rank's node); NCCL and OpenMP defaults (only where unset);
 #   2. appends everything this job prints to RUN_DIR/logs/job-<id>-restart-<n>.log (one run directory for every
 #      job and restart of a run; RUN_DIR/logs/jobs.tsv lists them);
 #   3. resumes automatically: if RUN_DIR/checkpoints/latest exists it adds `--load RUN_DIR` (run_pretrain.py
@@ -43,8 +46,22 @@
 #   REQUEUE_ON_SIGNAL  1: requeue after a USR1 stop (default); 0: just stop (slurm/chain.sh uses 0)
 #   RESHARD_ON_WORLD_CHANGE  1: re-shard a checkpoint of another world size before resuming (default); 0: don't
 #   MASTER_ADDR / MASTER_PORT   override the derived rendezvous (e.g. the fabric interface's address)
+#   LAUNCH_DRY_RUN 1: print the rendezvous, every rank's environment and the exact srun line, start nothing
+#                  (slurm/submit.sh --dry-run sets it, with the SLURM_* variables of the layout it would submit)
+#
+# NCCL and related settings exported (a value already in the environment wins):
+#   NCCL_DEBUG=WARN                      NCCL's warnings (a bad interface, a failed IB setup) reach the job log
+#   TORCH_NCCL_ASYNC_ERROR_HANDLING=1    a failed or timed-out collective aborts the job (so it can be requeued)
+#                                        instead of hanging every rank until the time limit
+#   CUDA_DEVICE_MAX_CONNECTIONS=1        one hardware queue: kernels and NCCL collectives run in issue order
+#                                        (megatron-core's requirement for overlapping TP communication)
+#   NCCL_SOCKET_IFNAME / NCCL_IB_HCA     not set: NCCL picks the InfiniBand HCAs and the interface for its
+#                                        bootstrap itself; set them where a node has several networks (e.g.
+#                                        NCCL_SOCKET_IFNAME=ib0, NCCL_IB_HCA=mlx5_0,mlx5_1) and set MASTER_ADDR to
+#                                        that interface's address; NCCL_IB_DISABLE=1 on clusters without IB
 set -euo pipefail
 
+DRY_RUN="${LAUNCH_DRY_RUN:-0}"
 if [[ -z "${SLURM_JOB_ID:-}" ]]; then
     echo "launch.sh: not inside a Slurm job (submit slurm/pretrain_base.sh with sbatch)" >&2
     exit 2
@@ -70,9 +87,56 @@ RESHARD_ON_WORLD_CHANGE="${RESHARD_ON_WORLD_CHANGE:-1}"
 RESTART_COUNT="${SLURM_RESTART_COUNT:-0}"
 
 # --- rendezvous and environment (only where the user has not set them) -------------------------------------
-if [[ -z "${MASTER_ADDR:-}" ]]; then
-    MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+FIRST_NODE="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+if [[ -z "${MASTER_ADDR:-}" && "$DRY_RUN" != 1 ]]; then
+    # Slurm's address for the node (NodeAddr), which need not be its name: several slurmd on one machine, or
+    # node names that are not host names. Where Slurm has none (or cannot be asked), the name itself.
+    MASTER_ADDR="$( (scontrol show node -o "$FIRST_NODE" 2>/dev/null || true) | tr ' ' '\n' \
+                    | sed -n 's/^NodeAddr=//p' | head -n 1)"
 fi
+# The dry run's nodes are hypothetical: it shows the first node's name where the job will ask Slurm for its address.
+MASTER_ADDR="${MASTER_ADDR:-$FIRST_NODE}"
+# Tasks of this allocation: SLURM_TASKS_PER_NODE ("8(x4)" or "2(x3),1") describes the nodes the job holds now;
+# SLURM_NTASKS may still be the submission's when a requeued job (--nodes=MIN-MAX) restarted on fewer nodes.
+allocated_tasks() {
+    local total=0 part count repeat
+    IFS=, read -r -a parts <<< "${SLURM_TASKS_PER_NODE:-${SLURM_NTASKS:-1}}"
+    for part in "${parts[@]}"; do
+        count="${part%%(*}"; repeat=1
+        [[ "$part" == *"(x"* ]] && { repeat="${part#*(x}"; repeat="${repeat%)}"; }
+        total=$((total + count * repeat))
+    done
+    echo "$total"
+}
+NUM_NODES="${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}"
+NUM_TASKS="$(allocated_tasks)"
+
+# The dry run: what every rank of this layout would get, from slurm/rank_env.sh itself run with the SLURM_*
+# variables srun would give it (block distribution, Slurm's default: ranks fill a node before the next).
+dry_run_report() {
+    local nodes part count repeat node_index=0 rank=0 local_rank i
+    mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+    echo "launch.sh dry run: $NUM_NODES nodes ($SLURM_JOB_NODELIST), $NUM_TASKS ranks, tasks per node $SLURM_TASKS_PER_NODE"
+    echo "rendezvous: MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT"
+    echo "exported to every rank: OMP_NUM_THREADS=$OMP_NUM_THREADS NCCL_DEBUG=$NCCL_DEBUG" \
+         "TORCH_NCCL_ASYNC_ERROR_HANDLING=$TORCH_NCCL_ASYNC_ERROR_HANDLING" \
+         "CUDA_DEVICE_MAX_CONNECTIONS=$CUDA_DEVICE_MAX_CONNECTIONS TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-}" \
+         "NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-} NCCL_IB_HCA=${NCCL_IB_HCA:-}"
+    IFS=, read -r -a parts <<< "$SLURM_TASKS_PER_NODE"
+    for part in "${parts[@]}"; do
+        count="${part%%(*}"; repeat=1
+        [[ "$part" == *"(x"* ]] && { repeat="${part#*(x}"; repeat="${repeat%)}"; }
+        for ((i = 0; i < repeat; i++)); do
+            for ((local_rank = 0; local_rank < count; local_rank++)); do
+                SLURM_PROCID=$rank SLURM_LOCALID=$local_rank SLURM_STEP_NUM_TASKS=$NUM_TASKS \
+                    SLURMD_NODENAME="${nodes[$node_index]}" "$REPO_DIR/slurm/rank_env.sh" true 2>&1
+                rank=$((rank + 1))
+            done
+            node_index=$((node_index + 1))
+        done
+    done
+    echo "srun line: $(printf '%q ' "${srun_cmd[@]}" "${train_cmd[@]}")"
+}
 # Derived from the job id so two jobs sharing a node do not collide; stable across requeues of one job.
 MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
 export MASTER_ADDR MASTER_PORT
@@ -87,6 +151,27 @@ export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
 export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
 export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"
 
+# --- the training command -------------------------------------------------------------------------------------
+train_cmd=("$PYTHON" "$REPO_DIR/run_pretrain.py" --recipe "$RECIPE" --data-prefix "$DATA_PREFIX" --save "$RUN_DIR")
+[[ -n "$TOKENIZER" ]] && train_cmd+=(--tokenizer "$TOKENIZER")
+[[ -n "$DS_CONFIG" ]] && train_cmd+=(--deepspeed_config "$DS_CONFIG")
+[[ -n "$TP_SIZE" ]] && train_cmd+=(--tensor-parallel-size "$TP_SIZE")
+resuming=0
+if [[ -f "$RUN_DIR/checkpoints/latest" ]]; then
+    resuming=1
+    train_cmd+=(--load "$RUN_DIR")
+fi
+# shellcheck disable=SC2206  # TRAIN_ARGS is a user-supplied, word-split argument string
+train_cmd+=(${TRAIN_ARGS})
+# srun's layout from the allocation (not from an inherited SLURM_NTASKS; see allocated_tasks), one array for the
+# dry run, the re-shard and the training step.
+srun_cmd=(srun --kill-on-bad-exit=1 --export=ALL --nodes="$NUM_NODES" --ntasks="$NUM_TASKS" "$REPO_DIR/slurm/rank_env.sh")
+
+if [[ "$DRY_RUN" == 1 ]]; then
+    dry_run_report
+    exit 0
+fi
+
 # --- one run directory for every job and restart ---------------------------------------------------------
 mkdir -p "$RUN_DIR/logs"
 LOG_FILE="$RUN_DIR/logs/job-${SLURM_JOB_ID}-restart-${RESTART_COUNT}.log"
@@ -94,7 +179,7 @@ LOG_FILE="$RUN_DIR/logs/job-${SLURM_JOB_ID}-restart-${RESTART_COUNT}.log"
 # tee would take this shell down (SIGPIPE) before it could requeue.
 exec > >(trap '' USR1 TERM; exec tee -a "$LOG_FILE") 2>&1
 printf '%s\t%s\t%s\t%s\t%s\n' "$SLURM_JOB_ID" "$RESTART_COUNT" "$(date -u +%FT%TZ)" "$SLURM_JOB_NODELIST" \
-    "${SLURM_NTASKS:-1}" >> "$RUN_DIR/logs/jobs.tsv"
+    "$NUM_TASKS" >> "$RUN_DIR/logs/jobs.tsv"
 
 # Pre-emption signals: remembered from here on, forwarded to the running srun step (see the header).
 got_usr1=0
@@ -106,26 +191,17 @@ forward() {  # $1 = signal name
 trap 'got_usr1=1; echo "launch.sh: SIGUSR1 received, asking training to checkpoint and stop"; forward USR1' USR1
 trap 'got_term=1; echo "launch.sh: SIGTERM received, asking training to checkpoint and stop"; forward TERM' TERM
 
-# --- the training command -------------------------------------------------------------------------------------
-train_cmd=("$PYTHON" "$REPO_DIR/run_pretrain.py" --recipe "$RECIPE" --data-prefix "$DATA_PREFIX" --save "$RUN_DIR")
-[[ -n "$TOKENIZER" ]] && train_cmd+=(--tokenizer "$TOKENIZER")
-[[ -n "$DS_CONFIG" ]] && train_cmd+=(--deepspeed_config "$DS_CONFIG")
-[[ -n "$TP_SIZE" ]] && train_cmd+=(--tensor-parallel-size "$TP_SIZE")
-if [[ -f "$RUN_DIR/checkpoints/latest" ]]; then
-    train_cmd+=(--load "$RUN_DIR")
+if [[ "$resuming" == 1 ]]; then
     echo "launch.sh: resuming from $RUN_DIR/checkpoints ($(cat "$RUN_DIR/checkpoints/latest"))"
     saved_world="$("$PYTHON" -c 'import sys; from pipeline.training.universal import checkpoint_world_size as w; print(w(sys.argv[1]) or "")' "$RUN_DIR" || true)"
-    if [[ -n "$saved_world" && "$saved_world" != "${SLURM_NTASKS:-1}" && "$RESHARD_ON_WORLD_CHANGE" == 1 ]]; then
-        echo "launch.sh: the checkpoint was written by $saved_world ranks, this job has ${SLURM_NTASKS:-1}: re-sharding"
+    if [[ -n "$saved_world" && "$saved_world" != "$NUM_TASKS" && "$RESHARD_ON_WORLD_CHANGE" == 1 ]]; then
+        echo "launch.sh: the checkpoint was written by $saved_world ranks, this job has $NUM_TASKS: re-sharding"
         # Not interrupted by a forwarded signal: the in-place re-shard is atomic and takes a minute or two.
-        srun --kill-on-bad-exit=1 --export=ALL "$REPO_DIR/slurm/rank_env.sh" \
-            "$PYTHON" -m pipeline.training.universal "$RUN_DIR" --output "$RUN_DIR"
+        "${srun_cmd[@]}" "$PYTHON" -m pipeline reshard "$RUN_DIR" --output "$RUN_DIR"
     fi
 fi
-# shellcheck disable=SC2206  # TRAIN_ARGS is a user-supplied, word-split argument string
-train_cmd+=(${TRAIN_ARGS})
 
-echo "launch.sh: job $SLURM_JOB_ID restart $RESTART_COUNT on $SLURM_JOB_NODELIST: ${SLURM_NTASKS:-1} tasks," \
+echo "launch.sh: job $SLURM_JOB_ID restart $RESTART_COUNT on $SLURM_JOB_NODELIST: $NUM_TASKS tasks on $NUM_NODES nodes," \
      "MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT"
 echo "launch.sh: ${train_cmd[*]}"
 
@@ -139,7 +215,7 @@ if [[ "$got_usr1" == 1 || "$got_term" == 1 ]]; then
     exit 0
 fi
 # --kill-on-bad-exit: one crashed rank ends the step instead of leaving the others blocked in a collective.
-srun --kill-on-bad-exit=1 --export=ALL "$REPO_DIR/slurm/rank_env.sh" "${train_cmd[@]}" &
+"${srun_cmd[@]}" "${train_cmd[@]}" &
 srun_pid=$!
 # `wait` returns early (status > 128) when a trapped signal arrives; keep waiting until srun really ended.
 train_rc=0

@@ -1,8 +1,12 @@
-"""A throw-away one-node Slurm cluster for tests: Debian's slurmctld + slurmd started by hand.
+"""A throw-away Slurm cluster for tests: Debian's slurmctld + slurmd started by hand, on one machine.
 
-No munge (``AuthType=auth/none``, ``CredType=cred/none``), ``NodeName`` = this host's short name, every state,
-spool, log and pid file under one temporary directory, private ports, so it never touches a system Slurm.
-``SLURM_CONF`` in ``cluster.env`` points the client commands (sbatch, squeue, scontrol, scancel) at it.
+No munge (``AuthType=auth/none``, ``CredType=cred/none``), every state, spool, log and pid file under one
+temporary directory, private ports, so it never touches a system Slurm. ``SLURM_CONF`` in ``cluster.env`` points
+the client commands (sbatch, squeue, scontrol, scancel) at it.
+
+One node (default): ``NodeName`` = this host's short name. ``nodes=N > 1``: N nodes ``n1..nN`` on this machine,
+one ``slurmd -N nK`` each on its own port (``NodeHostname`` = this host, ``NodeAddr=127.0.0.1``), so jobs run
+across N Slurm nodes whose names are not host names (``n1`` does not resolve), as a launcher must cope with.
 """
 
 from __future__ import annotations
@@ -43,6 +47,27 @@ def _free_ports(count: int) -> list[int]:
     return ports
 
 
+def _free_port_range(count: int, avoid: set[int], tries: int = 50) -> int:
+    """The first of ``count`` consecutive free TCP ports (slurm.conf's ``Port=[P-Q]`` for several nodes)."""
+    for _ in range(tries):
+        first = _free_ports(1)[0]
+        if first + count > 65535 or avoid & set(range(first, first + count)):
+            continue
+        sockets = []
+        try:
+            for port in range(first, first + count):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sockets.append(sock)
+                sock.bind(("", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise RuntimeError(f"found no {count} consecutive free TCP ports")
+
+
 def _daemon(name: str) -> str:
     return shutil.which(name) or str(Path("/usr/sbin", name))
 
@@ -50,16 +75,30 @@ def _daemon(name: str) -> str:
 class SlurmCluster:
     """``start()`` writes slurm.conf and starts the daemons; ``stop()`` ends them by PID."""
 
-    def __init__(self, root: Path, cpus: int = 2):
+    def __init__(self, root: Path, cpus: int = 2, nodes: int = 1):
+        """``cpus``: CPUs of the one node (at least this machine's count); with ``nodes > 1``, CPUs per node
+        (taken as given: the nodes share this machine's cores)."""
+        if nodes < 1:
+            raise ValueError(f"nodes must be >= 1, got {nodes}")
         self.root = Path(root)
         self.host = socket.gethostname().split(".")[0]
-        self.cpus = max(cpus, os.cpu_count() or 1)
+        self.num_nodes = nodes
+        self.cpus = max(cpus, os.cpu_count() or 1) if nodes == 1 else cpus
+        self.node_names = [self.host] if nodes == 1 else [f"n{k}" for k in range(1, nodes + 1)]
         self.conf = self.root / "slurm.conf"
         self.pids: dict[str, int] = {}
         self.env = dict(os.environ, SLURM_CONF=str(self.conf))
 
+    def _node_lines(self, slurmd_port: int) -> str:
+        if self.num_nodes == 1:
+            return f"NodeName={self.host} CPUs={self.cpus} RealMemory=1000 State=UNKNOWN"
+        return (f"NodeName=n[1-{self.num_nodes}] NodeHostname={self.host} NodeAddr=127.0.0.1 "
+                f"Port=[{slurmd_port}-{slurmd_port + self.num_nodes - 1}] CPUs={self.cpus} RealMemory=1000 "
+                "State=UNKNOWN")
+
     def write_config(self) -> None:
-        ctld_port, slurmd_port = _free_ports(2)
+        ctld_port = _free_ports(1)[0]
+        slurmd_port = _free_port_range(self.num_nodes, avoid={ctld_port})
         for sub in ("state", "spool"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         r = self.root
@@ -75,11 +114,11 @@ CredType=cred/none
 # A requeued job may start again after cred_expire seconds (default 120).
 AuthInfo=cred_expire=5
 StateSaveLocation={r}/state
-SlurmdSpoolDir={r}/spool
+SlurmdSpoolDir={r}/spool/%n
 SlurmctldPidFile={r}/slurmctld.pid
-SlurmdPidFile={r}/slurmd.pid
+SlurmdPidFile={r}/slurmd-%n.pid
 SlurmctldLogFile={r}/slurmctld.log
-SlurmdLogFile={r}/slurmd.log
+SlurmdLogFile={r}/slurmd-%n.log
 ProctrackType=proctrack/pgid
 TaskPlugin=task/none
 MpiDefault=none
@@ -100,7 +139,7 @@ KillWait=10
 JobCompType=jobcomp/none
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
-NodeName={self.host} CPUs={self.cpus} RealMemory=1000 State=UNKNOWN
+{self._node_lines(slurmd_port)}
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """)
 
@@ -108,20 +147,24 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         self.write_config()
         # -i: ignore (absent) saved state; both daemons fork and write their pid files.
         subprocess.run([_daemon("slurmctld"), "-f", str(self.conf), "-i"], check=True, env=self.env, timeout=60)
-        self._read_pid("slurmctld")
-        subprocess.run([_daemon("slurmd"), "-f", str(self.conf)], check=True, env=self.env, timeout=60)
-        self._read_pid("slurmd")
+        self._read_pid("slurmctld", self.root / "slurmctld.pid")
+        for node in self.node_names:
+            (self.root / "spool" / node).mkdir(parents=True, exist_ok=True)
+            # -N: this daemon is that node (several slurmd on one machine); the one-node cluster's name is the host's.
+            node_option = ["-N", node] if self.num_nodes > 1 else []
+            subprocess.run([_daemon("slurmd"), "-f", str(self.conf), *node_option], check=True, env=self.env,
+                           timeout=60)
+            self._read_pid(f"slurmd-{node}", self.root / f"slurmd-{node}.pid")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            out = self.run("sinfo", "-h", "-o", "%T", check=False).stdout.strip()
-            if out.startswith("idle"):
+            states = self.run("sinfo", "-h", "-N", "-o", "%T", check=False).stdout.split()
+            if len(states) == self.num_nodes and all(state == "idle" for state in states):
                 return
             time.sleep(0.5)
-        raise RuntimeError(f"test Slurm node never became idle (sinfo: {out!r}); logs in {self.root}:\n"
+        raise RuntimeError(f"test Slurm nodes never all became idle (sinfo: {states!r}); logs in {self.root}:\n"
                            + self.log_tail())
 
-    def _read_pid(self, name: str, timeout: float = 20.0) -> None:
-        path = self.root / f"{name}.pid"
+    def _read_pid(self, name: str, path: Path, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
@@ -140,8 +183,8 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
                 deadline = time.monotonic() + 30
                 while time.monotonic() < deadline and self.run("squeue", "-h", "-o", "%i", check=False).stdout.split():
                     time.sleep(0.5)
-        # slurmd first, then the controller; by PID, never by name.
-        for name in ("slurmd", "slurmctld"):
+        # The slurmd daemons first, then the controller; by PID, never by name.
+        for name in [f"slurmd-{node}" for node in self.node_names] + ["slurmctld"]:
             pid = self.pids.pop(name, None)
             if pid is None:
                 continue
@@ -164,7 +207,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 
     def log_tail(self, lines: int = 30) -> str:
         out = []
-        for name in ("slurmctld.log", "slurmd.log"):
+        for name in ["slurmctld.log"] + [f"slurmd-{node}.log" for node in self.node_names]:
             path = self.root / name
             if path.is_file():
                 # Start-up noise of a fresh cluster (no saved state, no PMIx) hides the interesting lines.
@@ -177,6 +220,17 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
     def run(self, *cmd: str, check: bool = True, env: dict | None = None, timeout: float = 60):
         return subprocess.run(list(cmd), check=check, capture_output=True, text=True,
                               env=dict(self.env, **(env or {})), timeout=timeout)
+
+    def node_addr(self, node: str) -> str | None:
+        """``NodeAddr`` of ``scontrol show node NODE``."""
+        return self.node_field(node, "NodeAddr")
+
+    def node_field(self, node: str, field: str) -> str | None:
+        out = self.run("scontrol", "show", "node", "-o", node, check=False).stdout
+        for item in out.split():
+            if item.startswith(field + "="):
+                return item.split("=", 1)[1]
+        return None
 
     def job_field(self, job_id: str, field: str) -> str | None:
         """A ``Key=Value`` field of ``scontrol show job`` (e.g. JobState, Restarts), None if the job is gone."""
