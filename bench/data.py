@@ -143,7 +143,8 @@ def main() -> int:
               f"text; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
         sample = directory / "sample.txt"
         gather_text([text], min(size, 4_000_000), sample)
-        tokenizer = train_tokenizer([sample], directory / "tokenizer.json", TrainConfig(vocab_size=args.vocab_size))
+        tokenizer = train_tokenizer([sample], directory / "tokenizer.json", TrainConfig(vocab_size=args.vocab_size),
+                                    replace_invalid=True)  # as preprocessing below: real corpora hold stray bytes
         raw = load_raw_tokenizer(tokenizer)
         special, vocab_size = special_tokens(raw), raw.get_vocab_size()
 

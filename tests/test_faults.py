@@ -396,8 +396,8 @@ def test_fast_path_is_checked_on_documents_far_into_the_run(tmp_path, tiny_token
         return [ids[:-1] if "zebra" in text else ids for text, ids in zip(texts, real(self, texts))]
 
     monkeypatch.setattr(FastByteLevelBPE, "encode_batch", broken)
-    # Chunks hold 256 documents; chunk k checks its document k % 256: the first checked "zebra" document is in
-    # chunk 12 (documents 3072..3327), position 12: document 3085 of the file (numbered from 1).
+    # Chunks hold 256 documents; every 4th chunk k checks its document k % 256: the first checked "zebra" document
+    # is in chunk 12 (documents 3072..3327), position 12: document 3085 of the file (numbered from 1).
     with pytest.raises(DataError, match=rf"^{corpus}: document 3085: the tiktoken fast path gave other ids than HF "
                                         r"tokenizers on 'document number 3084 says zebra'"):
         _preprocess(tmp_path / "d", corpus, tiny_tokenizer, valid_fraction=0.0)
