@@ -11,11 +11,20 @@ Parquet (``--text-key``) and directories written by HF ``datasets.save_to_disk``
 
 Documents are tokenized in worker processes with ``tiktoken`` when ``pipeline.data.fast_bpe`` can reproduce the
 tokenizer's ids exactly (byte-level BPE without normalizer: what ``pipeline.data.tokenizer`` writes; about 5x faster),
-else with HF ``tokenizers``; one line on stderr says which and why, and the first documents are checked against HF
-tokenizers (a mismatch falls back to it). ``--no-fast-tokenizer`` forces HF tokenizers. The ids are appended to a
-temporary token file, then split into train and valid *by documents* (exactly ``round(fraction * n)`` valid
-documents chosen by ``--seed``) and written with megatron-core's ``IndexedDatasetBuilder`` to temporary names that
-are renamed only once everything succeeded: a failure leaves no half-written dataset.
+else with HF ``tokenizers``; one line on stderr says which and why. The first documents are checked against HF
+tokenizers (a mismatch falls back to it), and so is one document of every 4th chunk throughout the run, in the
+workers (a mismatch stops with a DataError naming the file and document). ``--no-fast-tokenizer`` forces HF
+tokenizers. The ids are appended to a temporary token file, then split into train and valid *by documents*
+(exactly ``round(fraction * n)`` valid documents chosen by ``--seed``) and written with megatron-core's
+``IndexedDatasetBuilder``.
+
+Publication (issue 14): the dataset's five files are written into a staging directory ``.NAME.dataset.tmp-PID``
+next to the prefix and published in one rename as ``PREFIX.dataset/`` (``pipeline.io.publish_directory``); the
+names ``PREFIX_train.bin`` ... ``PREFIX.meta.json`` are relative symlinks into it, made once. So a dataset appears
+complete or not at all, an existing one survives any failure (or ``kill -9``) of the run replacing it, a reader
+sees either the old or the new dataset, and the next run removes a killed run's staging directory. A dataset of
+plain files (written before this layout) is adopted first by hard links, without a moment where a name is
+missing. The largest token id is recorded in meta.json (``max_token_id``) and checked where the data is opened.
 """
 
 from __future__ import annotations
