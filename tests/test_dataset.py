@@ -89,12 +89,16 @@ def test_sample_index_is_cached_atomically_and_reused(tmp_path, tiny_dataset_pre
     np.testing.assert_array_equal(second._starts, first._build_starts())
     for i in range(len(first)):
         np.testing.assert_array_equal(first.get(0, i), second.get(0, i))
+    def starts_files():
+        return [path for path in tmp_path.iterdir() if path.suffix == ".npy" and "-order-" not in path.name]
+
+    assert [path.name for path in tmp_path.glob("*-order-*")] == [first.order_path(0).name]  # epoch 0 read
     PackedSequences(tmp_path / "data", 64, SPECIAL, seed=1)
-    assert len([path for path in tmp_path.iterdir() if path.suffix == ".npy"]) == 2  # keyed by seq_len
+    assert len(starts_files()) == 2  # keyed by seq_len
     # A rewritten .idx (new identity) gets its own index instead of a stale one.
     os.utime(tmp_path / "data.idx", ns=(1, 1))
     PackedSequences(tmp_path / "data", 128, SPECIAL, seed=1)
-    assert len([path for path in tmp_path.iterdir() if path.suffix == ".npy"]) == 3
+    assert len(starts_files()) == 3
     # An unwritable directory only costs the cache.
     uncached = PackedSequences(tmp_path / "data", 32, SPECIAL, seed=1, cache=False)
     assert not isinstance(uncached._starts, np.memmap)

@@ -24,14 +24,14 @@ import hashlib
 import os
 import struct
 import sys
-import warnings
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
 from pipeline.errors import DataError
+from pipeline.io import naming_path, temporary_path
 from pipeline.data.batch import SpecialTokens
 from pipeline.data.masking import MaskedSample, Masker, MaskingCollator, MaskingConfig
 from pipeline.data.meta import import_indexed_dataset_module, load_meta, meta_path, split_prefix
@@ -40,6 +40,7 @@ _INDEX_HEADER = b"MMIDIDX\x00\x00"
 _INDEX_FIXED_BYTES = 9 + 8 + 1 + 8 + 8  # header, version, dtype code, sequence count, document count
 _DTYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 8, 7: 4, 8: 2}  # megatron-core DType codes -> item size
 _CACHE_FORMAT = 1
+BUILD_COUNT = 0  # packing indices this process built (tests count them)
 
 
 def _check_index_file(idx_path: Path) -> tuple[int, int, int]:
@@ -98,14 +99,31 @@ def _file_identity(path: Path) -> str:
     return hashlib.sha1(f"{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}".encode()).hexdigest()[:16]
 
 
+def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    """``np.save`` under a temporary name renamed into place: readers see the whole file or none."""
+    temporary = temporary_path(path)
+    try:
+        with naming_path(path), open(temporary, "wb") as stream:
+            np.save(stream, array)
+        os.replace(temporary, path)  # concurrent builders (one per node on a shared filesystem) write equal bytes
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 class PackedSequences:
     """FULL-SENTENCES sequences of exactly ``seq_len`` tokens over one split (see the module docstring).
 
     ``len()`` is the number of sequences per epoch; ``get(epoch, i)`` the i-th sequence of that epoch's shuffled
-    order, a fresh int64 array. Picklable (DataLoader workers reopen the files)."""
+    order, a fresh int64 array. Picklable (DataLoader workers reopen the files).
+
+    The two indices -- the chunk starts and one permutation per epoch -- are ``.npy`` files next to the data
+    (or in ``index_dir``), memory-mapped read-only, so ranks and workers share one copy in the page cache and
+    hold nothing that grows with the corpus. ``build=True`` (one process per node or per job: see
+    ``prepare_packed_sequences``) writes missing ones; ``build=False`` only maps them and raises DataError when
+    one is missing. ``cache=False`` keeps everything in memory (single process, read-only data)."""
 
     def __init__(self, path_prefix: str | os.PathLike, seq_len: int, special: SpecialTokens, seed: int,
-                 cache: bool = True):
+                 cache: bool = True, build: bool = True, index_dir: str | os.PathLike | None = None):
         if seq_len < 3:
             raise ValueError(f"seq_len must be >= 3 (<s>, at least one token, </s>), got {seq_len}")
         self.path_prefix = str(path_prefix)
@@ -113,6 +131,8 @@ class PackedSequences:
         self.special = special
         self.seed = int(seed)
         self.cache = cache
+        self.build = build
+        self.index_dir = None if index_dir is None else str(index_dir)
         self._open()
 
     # The stream is made of the indexed dataset's sequences in order; a </s> follows the last sequence of every
@@ -120,21 +140,21 @@ class PackedSequences:
     # (sentences) per document: those are concatenated without a separator.
     def _open(self) -> None:
         self._indexed = open_indexed_dataset(self.path_prefix)
-        self._lengths = np.array(self._indexed.sequence_lengths, dtype=np.int64)  # copied out of the mmap
-        document_ends = np.array(self._indexed.document_indices[1:], dtype=np.int64) - 1
-        self._separator_after = np.zeros(self._lengths.size, dtype=bool)
-        self._separator_after[document_ends[document_ends >= 0]] = True
-        if self._lengths.size:
-            self._separator_after[-1] = False
+        # Views of megatron-core's memory map (no per-process copy).
+        self._lengths = self._indexed.sequence_lengths
+        self._document_indices = self._indexed.document_indices
+        self._num_units = len(self._lengths)
         self.content_len = self.seq_len - 2
-        self.stream_tokens = int(self._lengths.sum() + self._separator_after.sum())
-        self._num_sequences = -(-self.stream_tokens // self.content_len)
+        self._identity = _file_identity(Path(f"{self.path_prefix}.idx"))
         self._starts = self._load_or_build_starts()
+        # Row n of the starts file holds (stream tokens, 0): the length of the stream without another pass over it.
+        self._num_sequences = int(self._starts.shape[0]) - 1
+        self.stream_tokens = int(self._starts[-1, 0])
         self._epoch_orders: dict[int, np.ndarray] = {}
 
     def __getstate__(self):
         return {"path_prefix": self.path_prefix, "seq_len": self.seq_len, "special": self.special,
-                "seed": self.seed, "cache": self.cache}
+                "seed": self.seed, "cache": self.cache, "build": self.build, "index_dir": self.index_dir}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -143,55 +163,117 @@ class PackedSequences:
     def __len__(self) -> int:
         return self._num_sequences
 
+    def _index_path(self, suffix: str) -> Path:
+        prefix = Path(self.path_prefix)
+        directory = prefix.parent if self.index_dir is None else Path(self.index_dir)
+        # v2: the starts file gained its last row (stream tokens); older files are never read.
+        return directory / f"{prefix.name}.packed-L{self.seq_len}-v2-{self._identity}{suffix}.npy"
+
     @property
     def cache_path(self) -> Path:
-        # The starts depend on seq_len and the index contents only; the seed shuffles epochs at run time.
-        identity = _file_identity(Path(f"{self.path_prefix}.idx"))
-        return Path(f"{self.path_prefix}.packed-L{self.seq_len}-{identity}.npy")
+        # The starts depend on seq_len and the index contents only; the seed shuffles epochs.
+        return self._index_path("")
+
+    def order_path(self, epoch: int) -> Path:
+        return self._index_path(f"-order-s{self.seed}-e{int(epoch)}")
+
+    def _separator_after(self, unit: int) -> bool:
+        # A </s> follows unit u when a document ends there (u + 1 is a document boundary), except after the last.
+        position = int(np.searchsorted(self._document_indices, unit + 1))
+        return (unit + 1 < self._num_units and position < len(self._document_indices)
+                and int(self._document_indices[position]) == unit + 1)
 
     def _build_starts(self) -> np.ndarray:
-        """[n, 2] int64: (indexed-dataset sequence, token offset in it) where each chunk starts; an offset equal
-        to the sequence's length points at the </s> that follows it."""
-        unit_lengths = self._lengths + self._separator_after
-        unit_starts = np.concatenate([[0], np.cumsum(unit_lengths)[:-1]]) if unit_lengths.size else np.zeros(0)
-        chunk_starts = np.arange(self._num_sequences, dtype=np.int64) * self.content_len
-        units = np.searchsorted(unit_starts, chunk_starts, side="right") - 1
-        starts = np.empty((self._num_sequences, 2), dtype=np.int64)
-        starts[:, 0] = units
-        starts[:, 1] = chunk_starts - unit_starts[units] if self._num_sequences else 0
+        """[n + 1, 2] int64: (indexed-dataset sequence, token offset in it) where each of the n chunks starts (an
+        offset equal to the sequence's length points at the </s> that follows it); row n is (stream tokens, 0)."""
+        global BUILD_COUNT
+        BUILD_COUNT += 1
+        lengths = np.asarray(self._lengths, dtype=np.int64)
+        document_ends = np.asarray(self._document_indices[1:], dtype=np.int64) - 1
+        separator_after = np.zeros(lengths.size, dtype=bool)
+        separator_after[document_ends[document_ends >= 0]] = True
+        if lengths.size:
+            separator_after[-1] = False
+        unit_lengths = lengths + separator_after
+        del lengths, separator_after, document_ends
+        unit_ends = np.cumsum(unit_lengths)
+        stream_tokens = int(unit_ends[-1]) if unit_ends.size else 0
+        unit_starts = unit_ends - unit_lengths
+        del unit_lengths, unit_ends
+        num_sequences = -(-stream_tokens // self.content_len)
+        starts = np.empty((num_sequences + 1, 2), dtype=np.int64)
+        chunk_starts = starts[:num_sequences, 1]
+        chunk_starts[:] = np.arange(num_sequences, dtype=np.int64) * self.content_len
+        units = starts[:num_sequences, 0]
+        units[:] = np.searchsorted(unit_starts, chunk_starts, side="right") - 1
+        chunk_starts -= unit_starts[units]
+        starts[num_sequences] = (stream_tokens, 0)
         return starts
+
+    def _missing(self, path: Path, what: str) -> DataError:
+        return DataError(f"{path}: {what} not built (it is written by the index-building rank before the others "
+                         "map it; see that rank's error, or delete partial files and restart)")
 
     def _load_or_build_starts(self) -> np.ndarray:
-        path = self.cache_path if self.cache else None
-        if path is not None and path.is_file():
+        if not self.cache:
+            return self._build_starts()
+        path = self.cache_path
+        if path.is_file():
             try:
                 starts = np.load(path, mmap_mode="r")
-                if starts.shape == (self._num_sequences, 2) and starts.dtype == np.int64:
+                if starts.ndim == 2 and starts.shape[0] >= 1 and starts.shape[1] == 2 and starts.dtype == np.int64 \
+                        and starts.shape[0] - 1 == -(-int(starts[-1, 0]) // self.content_len):
                     return starts
             except (OSError, ValueError):
-                pass  # unreadable cache: rebuild and overwrite it
+                pass  # unreadable cache: the builder rebuilds and overwrites it
+            if not self.build:
+                raise DataError(f"{path}: corrupt sample index (delete it; the index-building rank rebuilds it)")
+        elif not self.build:
+            raise self._missing(path, "sample index")
         starts = self._build_starts()
-        if path is not None:
-            temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            try:
-                with open(temporary, "wb") as stream:
-                    np.save(stream, starts)
-                os.replace(temporary, path)  # atomic: concurrent ranks write identical content
-            except OSError as error:
-                warnings.warn(f"cannot cache the sample index at {path} ({error}); keeping it in memory")
-            finally:
-                temporary.unlink(missing_ok=True)
-        return starts
+        try:
+            _save_npy_atomic(path, starts)
+        except OSError as error:
+            raise DataError(f"{path}: cannot write the sample index ({error.strerror or error}); give a writable "
+                            "--index-dir") from None
+        return np.load(path, mmap_mode="r")
+
+    def build_epoch_order(self, epoch: int) -> Path | None:
+        """Writes epoch ``epoch``'s permutation file if it is missing (the index-building process only)."""
+        path = self.order_path(epoch)
+        if path.is_file():
+            return None
+        # Shuffling an int32 range draws the same swaps as permutation(n) and halves the memory.
+        dtype = np.int32 if self._num_sequences < 2**31 else np.int64
+        order = np.arange(self._num_sequences, dtype=dtype)
+        np.random.default_rng([self.seed, int(epoch)]).shuffle(order)
+        try:
+            _save_npy_atomic(path, order)
+        except OSError as error:
+            raise DataError(f"{path}: cannot write the epoch order ({error.strerror or error}); give a writable "
+                            "--index-dir") from None
+        return path
 
     def epoch_order(self, epoch: int) -> np.ndarray:
-        """The order in which epoch ``epoch`` visits the sequences (a permutation seeded by (seed, epoch))."""
+        """The order in which epoch ``epoch`` visits the sequences (a permutation seeded by (seed, epoch)): a
+        read-only memory map of its file (built here only when ``build``: DataLoader workers of a distributed
+        run find every epoch of the run built beforehand)."""
         epoch = int(epoch)
         order = self._epoch_orders.get(epoch)
         if order is None:
-            # Shuffling an int32 range draws the same swaps as permutation(n) and halves the memory.
-            dtype = np.int32 if self._num_sequences < 2**31 else np.int64
-            order = np.arange(self._num_sequences, dtype=dtype)
-            np.random.default_rng([self.seed, epoch]).shuffle(order)
+            if not self.cache:
+                order = np.arange(self._num_sequences, dtype=np.int32 if self._num_sequences < 2**31 else np.int64)
+                np.random.default_rng([self.seed, epoch]).shuffle(order)
+            else:
+                path = self.order_path(epoch)
+                if not path.is_file():
+                    if not self.build:
+                        raise self._missing(path, f"epoch {epoch} order")
+                    self.build_epoch_order(epoch)
+                order = np.load(path, mmap_mode="r")
+                if order.shape != (self._num_sequences,):
+                    raise DataError(f"{path}: corrupt epoch order (shape {order.shape}, expected "
+                                    f"({self._num_sequences},)); delete it")
             # Two epochs are kept: a batch (and a worker's queue) may straddle an epoch boundary.
             self._epoch_orders = {e: o for e, o in self._epoch_orders.items() if e == epoch - 1}
             self._epoch_orders[epoch] = order
@@ -214,7 +296,7 @@ class PackedSequences:
                 position += take
                 offset += take
             else:
-                if self._separator_after[unit]:
+                if self._separator_after(unit):
                     out[position] = self.special.eos
                     position += 1
                 unit, offset = unit + 1, 0
@@ -226,6 +308,42 @@ class PackedSequences:
         if not 0 <= i < self._num_sequences:
             raise IndexError(f"sample {i} out of range [0, {self._num_sequences})")
         return self.sequence(int(self.epoch_order(epoch)[i]))
+
+
+def epochs_touched(samples_per_epoch: int, first_sample: int, end_sample: int) -> range:
+    """The epochs that global samples [first_sample, end_sample) fall in."""
+    if end_sample <= first_sample:
+        return range(first_sample // samples_per_epoch, first_sample // samples_per_epoch)
+    return range(first_sample // samples_per_epoch, (end_sample - 1) // samples_per_epoch + 1)
+
+
+def prepare_packed_sequences(path_prefix: str | os.PathLike, seq_len: int, special: SpecialTokens, seed: int,
+                             sample_range: tuple[int, int | None], is_builder: bool = True,
+                             barrier: Callable[[], None] | None = None,
+                             index_dir: str | os.PathLike | None = None) -> PackedSequences:
+    """``PackedSequences`` whose indices are built once: the builder (``is_builder``) writes the starts and the
+    permutation of every epoch that global samples ``sample_range`` = [first, end) touch (end None: the first two
+    epochs; later ones are then built on demand by the process that needs them), everyone waits at ``barrier``,
+    then the others map the files read-only. A builder that fails still reaches the barrier (so nobody hangs) and
+    then raises; the others then report the missing file."""
+    error = None
+    packed = None
+    if is_builder:
+        try:
+            packed = PackedSequences(path_prefix, seq_len, special, seed, build=True, index_dir=index_dir)
+            first, end = sample_range
+            end = first + 2 * len(packed) if end is None else end
+            for epoch in epochs_touched(len(packed), first, end):
+                packed.build_epoch_order(epoch)
+        except BaseException as caught:  # noqa: BLE001 - re-raised after the barrier
+            error = caught
+    if barrier is not None:
+        barrier()
+    if error is not None:
+        raise error
+    if packed is not None:
+        return packed
+    return PackedSequences(path_prefix, seq_len, special, seed, build=sample_range[1] is None, index_dir=index_dir)
 
 
 class MaskedPretrainingDataset(torch.utils.data.Dataset):
@@ -386,16 +504,28 @@ def build_pretraining_dataloader(prefix: str | os.PathLike, split: str, seq_len:
                                  special: SpecialTokens, vocab_size: int, micro_batch_size: int, dp_rank: int,
                                  dp_size: int, consumed_samples: int, num_workers: int, seed: int,
                                  total_samples: int | None = None, drop_last: bool = True,
-                                 prefetch_factor: int = 4) -> PretrainingDataLoader:
+                                 prefetch_factor: int = 4, is_index_builder: bool = True,
+                                 barrier: Callable[[], None] | None = None,
+                                 index_dir: str | os.PathLike | None = None) -> PretrainingDataLoader:
     """DataLoader of masked batch dicts (``pipeline.data.masking`` layout) for one data-parallel rank.
 
     ``prefix`` is the preprocessing output prefix, ``split`` ``"train"`` or ``"valid"``; ``seed`` shuffles the
-    epochs (masks use ``masking.seed``). ``len(loader.dataset.packed)`` is the number of sequences per epoch."""
+    epochs (masks use ``masking.seed``). ``len(loader.dataset.packed)`` is the number of sequences per epoch.
+    In a distributed run exactly one process per filesystem passes ``is_index_builder=True`` and every process
+    passes the same ``barrier`` (``prepare_packed_sequences``)."""
     check_dataset_vocabulary(prefix, special, vocab_size)
-    packed = PackedSequences(split_prefix(prefix, split), seq_len, special, seed)
+    packed = prepare_packed_sequences(split_prefix(prefix, split), seq_len, special, seed,
+                                      (consumed_samples, total_samples), is_index_builder, barrier, index_dir)
     dataset = MaskedPretrainingDataset(packed, Masker(masking, special, vocab_size), total_samples)
     sampler = PretrainingBatchSampler(total_samples, consumed_samples, micro_batch_size, dp_rank, dp_size,
                                       drop_last=drop_last)
+    return make_pretraining_dataloader(dataset, sampler, masking, special, num_workers, prefetch_factor)
+
+
+def make_pretraining_dataloader(dataset, sampler: PretrainingBatchSampler, masking: MaskingConfig,
+                                special: SpecialTokens, num_workers: int,
+                                prefetch_factor: int = 4) -> PretrainingDataLoader:
+    """The DataLoader over a masked dataset (one corpus or a blend) and its batch sampler."""
     extra = {"persistent_workers": True, "prefetch_factor": prefetch_factor} if num_workers > 0 else {}
     context = "fork" if (num_workers > 0 and sys.platform == "linux") else None
     collator = MaskingCollator(masking, special.pad)
