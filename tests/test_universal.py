@@ -71,7 +71,8 @@ def test_dp2_checkpoint_resumes_on_dp1_with_tp2(tmp_path, tiny_dataset_prefix, t
 def test_zero3_dp2_checkpoint_resumes_on_dp1_bit_exactly(tmp_path, tiny_dataset_prefix, tiny_tokenizer):
     """ZeRO-3, TP=1: 2 ranks -> 1 rank. DeepSpeed's ZeRO-3 universal loader gives every param group the first
     group's weight decay and one shared Adam `step` tensor (torch's AdamW then bias-corrects the second group
-    with a step counted twice); pipeline.training.trainer undoes both, so the losses equal the uninterrupted run's."""
+    with a step counted twice); pipeline.compat.undo_zero3_universal_loader_changes undoes both at every load, so
+    the losses equal the uninterrupted run's."""
     def args(run_dir, extra=()):
         return tiny_train_args(tiny_dataset_prefix, tiny_tokenizer, run_dir, steps=STEPS, architecture="3ml-self",
                                ds_config="zero3_fp32.json", tp=1, extra=[*NO_DROPOUT, *extra])

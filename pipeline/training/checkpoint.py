@@ -68,7 +68,7 @@ CLIENT_STATE_KEYS = (
     "consumed_samples",  # training samples consumed (global, all DP ranks): where the sampler restarts
     "data_epoch",  # epoch of the next training sample (consumed_samples // samples per epoch)
     "rng_states",  # list indexed by global rank: python/numpy/torch/accelerator/TP-tracker states
-    "config",  # the full resolved config (pipeline.training.trainer.ResolvedConfig.to_dict())
+    "config",  # the full resolved config (pipeline.training.config.ResolvedConfig.to_dict())
     "tokenizer_fingerprint",  # sha256 of tokenizer.json
     "dataset_meta",  # the content of the dataset's meta.json
     "dataset_fingerprint",  # sha256 of the canonical JSON of dataset_meta
@@ -353,9 +353,10 @@ def config_differences(saved: dict, current: dict, ignore_prefixes: Iterable[str
 # go, how often we log/evaluate/save, and for how long we train (extending a run recomputes the LR horizon).
 RESUMABLE_CHANGES = ("runtime", "launch", "data.prefix", "data.tokenizer", "training.train_steps",
                      "deepspeed.config_file")
-# Implementation settings a user changes when moving a run to other GPUs: allowed with a notice. The optimizer
-# step still sums the same global batch of the same samples (the sampler cuts it by consumed samples), so the
-# resume is exact in the math but not bitwise (other summation orders, other dropout draws per micro batch).
+# Implementation settings a user changes when moving a run to other GPUs: allowed with a notice. Each optimizer
+# step still takes the same global batch of samples (the sampler cuts it by consumed samples); what changes is
+# how it is split: the loss is a mean per micro batch (so tokens are weighted per micro batch), sums run in
+# another order and dropout draws differ -- close to the original run, not bitwise.
 IMPLEMENTATION_CHANGES = ("training.micro_batch_size", "parallel.gradient_accumulation_steps",
                           "deepspeed.config.train_micro_batch_size_per_gpu",
                           "deepspeed.config.gradient_accumulation_steps", "deepspeed.config.zero_optimization",

@@ -130,8 +130,9 @@ class Trainer:
             raise CheckpointError(f"refusing to resume from {point.tag_dir}: incompatible configuration: "
                                   + "; ".join(refusals))
         if notices:
-            log.info("note: resuming with changed implementation settings (the same global batches and "
-                     "optimizer math, not bitwise the same sums): " + "; ".join(notices))
+            log.info("note: resuming with changed implementation settings (each optimizer step still takes the "
+                     "same samples; the loss is averaged per micro batch and summed in another order, so the run "
+                     "continues close to, not bitwise like, the original): " + "; ".join(notices))
         if saved["config"]["training"]["train_steps"] != current["training"]["train_steps"]:
             log.info(f"note: train_steps changed from {saved['config']['training']['train_steps']} to "
                      f"{current['training']['train_steps']}; the LR schedule follows the new horizon")

@@ -121,6 +121,7 @@ def reshard(source: str | os.PathLike, output: str | os.PathLike, tag: str | Non
     from pipeline.training.config import ResolvedConfig
     from pipeline.training.distributed import control_group, init_distributed
     from pipeline.training.engine import build_engine
+    from pipeline.training.metrics import log, setup_logging
 
     source, output = Path(source), Path(output)
     try:
@@ -136,6 +137,7 @@ def reshard(source: str | os.PathLike, output: str | os.PathLike, tag: str | Non
 
     launch = init_distributed()
     rank, world_size = dist.get_rank(), dist.get_world_size()
+    setup_logging(rank)
     group = control_group()
     old_world = saved["world"]
     tp_size = int(old_world["tensor_parallel_size"])
@@ -191,10 +193,9 @@ def reshard(source: str | os.PathLike, output: str | os.PathLike, tag: str | Non
         _carry_metrics(source, output, int(saved["step"]))
         if not keep_universal:
             shutil.rmtree(universal_dir, ignore_errors=True)
-        print(f"re-sharded {point.tag_dir} (world {old_world['world_size']}, DP {old_world['data_parallel_size']}) "
+        log.info(f"re-sharded {point.tag_dir} (world {old_world['world_size']}, DP {old_world['data_parallel_size']}) "
               f"to {ckpt_dir / point.tag} (world {world_size}, DP {config.data_parallel_size}, TP "
-              f"{config.tensor_parallel_size}); step {saved['step']}, {saved['consumed_samples']} samples consumed",
-              flush=True)
+              f"{config.tensor_parallel_size}); step {saved['step']}, {saved['consumed_samples']} samples consumed")
     dist.barrier(group=group)
     return ckpt_dir / point.tag
 
