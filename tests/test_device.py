@@ -112,3 +112,26 @@ def test_bad_capability_is_a_config_error():
     with pytest.raises(ConfigError, match="compute capability must be"):
         GpuInfo("x", (7,))
     assert check_gpu(GpuInfo("x", (9, 0)), "bf16", "c.json")[0].endswith("SDPA flash kernel in bf16")
+
+
+def test_every_shipped_ds_config_on_a_v100(mock_gpu):
+    """The trainer's start-up call (check_device with precision_of the merged config) over ds_configs/: every
+    bf16 config (bf16 mode or bf16 autocast) is refused on a V100, every fp16 and fp32 one runs."""
+    import json
+
+    from pipeline.training.config import precision_of
+
+    mock_gpu(*V100)
+    seen = set()
+    for path in sorted((REPO / "ds_configs").glob("*.json")):
+        config = json.loads(path.read_text())
+        if "zero_optimization" not in config:
+            continue  # a recipe, not a DeepSpeed config
+        precision = precision_of(config)
+        seen.add(precision)
+        if precision.startswith("bf16"):
+            with pytest.raises(ConfigError, match="use an fp16 config instead"):
+                check_device("cuda", precision, str(path))
+        else:
+            assert "SDPA memory-efficient kernel" in check_device("cuda", precision, str(path))[0], path
+    assert {"bf16", "bf16-autocast", "fp16", "fp32"} <= seen

@@ -186,3 +186,40 @@ def test_requeued_job_on_two_nodes_reshards_and_continues(cluster, four_node_run
     # Same samples and masks per global batch (pipeline.data.dataset), the gradient accumulated over 2
     # micro-batches on each of 2 ranks instead of 1 on each of 4: equal up to float rounding.
     assert losses[STOP_AFTER:] == pytest.approx(uninterrupted[STOP_AFTER:], abs=1e-5)
+
+
+def test_dry_run_prints_the_32_gpu_layout_and_submits_nothing(cluster, tmp_path):
+    """slurm/submit.sh --dry-run for the templates' real layout (4 nodes x 8 V100, the #SBATCH defaults): every
+    rank's environment and the exact srun line, nothing submitted, nothing written."""
+    run_dir = tmp_path / "run"
+    env = {"PATH": cluster.env["PATH"], "HOME": str(tmp_path), "SLURM_CONF": cluster.env["SLURM_CONF"],
+           "PYTHON": sys.executable, "DATA_PREFIX": "/data/wiki", "RUN_DIR": str(run_dir)}
+    out = subprocess.run([str(REPO / "slurm" / "submit.sh"), "--dry-run", str(REPO / "slurm" / "pretrain_base.sh"),
+                          "--partition=gpu"], capture_output=True, text=True, env=env, timeout=120, check=True)
+    lines = out.stdout.splitlines()
+    assert lines[0] == f"sbatch line: sbatch --parsable --partition=gpu {REPO}/slurm/pretrain_base.sh "
+    assert lines[1] == "launch.sh dry run: 4 nodes (node[1-4]), 32 ranks, tasks per node 8(x4)"
+    assert lines[2] == "rendezvous: MASTER_ADDR=node1 MASTER_PORT=20000"
+    assert lines[3] == ("exported to every rank: OMP_NUM_THREADS=5 NCCL_DEBUG=WARN TORCH_NCCL_ASYNC_ERROR_HANDLING=1 "
+                        "CUDA_DEVICE_MAX_CONNECTIONS=1 TORCH_CUDA_ARCH_LIST=7.0 NCCL_SOCKET_IFNAME= NCCL_IB_HCA=")
+    # Block distribution: ranks 0-7 on the first node, LOCAL_RANK (the GPU) 0-7 on every node.
+    assert lines[4:36] == [f"rank_env.sh: node=node{rank // 8 + 1} RANK={rank} LOCAL_RANK={rank % 8} WORLD_SIZE=32 "
+                           "MASTER_ADDR=node1 MASTER_PORT=20000" for rank in range(32)]
+    assert lines[36] == (
+        f"srun line: srun --kill-on-bad-exit=1 --export=ALL --nodes=4 --ntasks=32 {REPO}/slurm/rank_env.sh "
+        f"{sys.executable} {REPO}/run_pretrain.py --recipe base --data-prefix /data/wiki --save {run_dir} "
+        "--deepspeed_config multinode_zero2_fp16.json --tensor-parallel-size 1 --micro-batch-size 16 "
+        "--save-interval 1000 --eval-interval 5000 --peak-tflops 125 --no-progress-bar ")
+    assert len(lines) == 37
+    assert not run_dir.exists()
+    assert cluster.run("squeue", "-h", "-o", "%i").stdout.strip() == ""
+
+    # Another size through the variables: 2 nodes x 4 tasks on named nodes.
+    out = subprocess.run([str(REPO / "slurm" / "submit.sh"), "--dry-run", str(REPO / "slurm" / "pretrain_base.sh")],
+                         capture_output=True, text=True, timeout=120, check=True,
+                         env=dict(env, NODES="2", GPUS_PER_NODE="4", DRY_RUN_NODELIST="gpu[07-08]"))
+    assert "--nodes=2 --gres=gpu:4 --ntasks-per-node=4" in out.stdout.splitlines()[0]
+    ranks = [line for line in out.stdout.splitlines() if line.startswith("rank_env.sh:")]
+    assert [line.split()[1:4] for line in ranks] == [
+        [f"node=gpu0{7 + rank // 4}", f"RANK={rank}", f"LOCAL_RANK={rank % 4}"] for rank in range(8)]
+    assert "--nodes=2 --ntasks=8 " in out.stdout.splitlines()[-1]

@@ -45,6 +45,8 @@ class Trainer:
 
         from model import build_model
         from model.parallel import initialize_model_parallel
+        from pipeline.training.config import precision_of
+        from pipeline.training.device import check_device
         from pipeline.training.distributed import control_group, init_distributed
         from pipeline.training.engine import build_engine
 
@@ -61,6 +63,10 @@ class Trainer:
 
         config.launch = self.launch.to_dict()
         self.config = cfg = config
+        # The GPU's compute capability and SDPA kernel; bf16 refused on a GPU without it (V100).
+        for line in check_device(accelerator.device_name(), precision_of(cfg.deepspeed),
+                                 cfg.runtime.deepspeed_config, cfg.runtime.compile):
+            log.info(line)
         self.run_dir = Path(cfg.runtime.save) if cfg.runtime.save else None
         initialize_model_parallel(cfg.tensor_parallel_size, cfg.training.seed)
         self.dp_rank = parallel_state.get_data_parallel_rank()
