@@ -20,6 +20,8 @@ so ``PackedSequences`` keeps it for its whole life and copies tokens out before 
 
 from __future__ import annotations
 
+import bisect
+import collections
 import hashlib
 import os
 import struct
@@ -40,7 +42,7 @@ _INDEX_HEADER = b"MMIDIDX\x00\x00"
 _INDEX_FIXED_BYTES = 9 + 8 + 1 + 8 + 8  # header, version, dtype code, sequence count, document count
 _DTYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 8, 7: 4, 8: 2}  # megatron-core DType codes -> item size
 _CACHE_FORMAT = 1
-BUILD_COUNT = 0  # packing indices this process built (tests count them)
+BUILDS = collections.Counter()  # index files this process built, by kind ("starts", "order"): tests count them
 
 
 def _check_index_file(idx_path: Path) -> tuple[int, int, int]:
@@ -179,15 +181,15 @@ class PackedSequences:
 
     def _separator_after(self, unit: int) -> bool:
         # A </s> follows unit u when a document ends there (u + 1 is a document boundary), except after the last.
-        position = int(np.searchsorted(self._document_indices, unit + 1))
+        # bisect, not np.searchsorted: the .idx arrays are unaligned views, which numpy copies whole to search.
+        position = bisect.bisect_left(self._document_indices, unit + 1)
         return (unit + 1 < self._num_units and position < len(self._document_indices)
                 and int(self._document_indices[position]) == unit + 1)
 
     def _build_starts(self) -> np.ndarray:
         """[n + 1, 2] int64: (indexed-dataset sequence, token offset in it) where each of the n chunks starts (an
         offset equal to the sequence's length points at the </s> that follows it); row n is (stream tokens, 0)."""
-        global BUILD_COUNT
-        BUILD_COUNT += 1
+        BUILDS["starts"] += 1
         lengths = np.asarray(self._lengths, dtype=np.int64)
         document_ends = np.asarray(self._document_indices[1:], dtype=np.int64) - 1
         separator_after = np.zeros(lengths.size, dtype=bool)
@@ -244,6 +246,7 @@ class PackedSequences:
         if path.is_file():
             return None
         # Shuffling an int32 range draws the same swaps as permutation(n) and halves the memory.
+        BUILDS["order"] += 1
         dtype = np.int32 if self._num_sequences < 2**31 else np.int64
         order = np.arange(self._num_sequences, dtype=dtype)
         np.random.default_rng([self.seed, int(epoch)]).shuffle(order)
