@@ -402,6 +402,16 @@ def test_cli_bad_inputs(roberta_dir, tmp_path, capsys):
     message = _cli_error(capsys, ["--model", str(roberta_dir), "--tasks", "RTE", "--data-dir", str(tmp_path),
                                   "--precision", "fp16", "--device", "cpu", "--output-dir", output])
     assert "fp16 needs a GPU" in message
+    # Settings that used to end in a traceback (or, for a negative count, silently drop the last examples).
+    task = ["--model", str(roberta_dir), "--tasks", "RTE", "--data-dir", str(tmp_path), "--output-dir", output]
+    for extra, expected in ((["--eval-batch-size", "0"], "--eval-batch-size must be at least 1"),
+                            (["--base-seed", "-3"], "--base-seed must be in [0, 4294967291]"),
+                            (["--max-train-examples", "-5"], "--max-train-examples must be at least 1"),
+                            (["--max-grad-norm", "-1"], "--max-grad-norm must be >= 0"),
+                            (["--device", "gpu"], "--device 'gpu' is not a torch device")):
+        assert expected in _cli_error(capsys, task + extra)
+    if not torch.cuda.is_available():
+        assert "sees no CUDA GPU" in _cli_error(capsys, task + ["--device", "cuda"])
 
 
 def test_resume_reuses_logged_runs(roberta_dir, tmp_path, capsys):

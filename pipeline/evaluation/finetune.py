@@ -162,6 +162,16 @@ class FinetuneConfig:
             raise FinetuneError("--warmup-ratio must be in [0, 1)")
         if self.max_length < 4:
             raise FinetuneError("--max-length must be at least 4")
+        if not 0 <= self.base_seed <= 2**32 - self.seeds:  # numpy's seed range (transformers.set_seed)
+            raise FinetuneError(f"--base-seed must be in [0, {2**32 - self.seeds}]")
+        if self.eval_batch_size < 1:
+            raise FinetuneError("--eval-batch-size must be at least 1")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise FinetuneError("--weight-decay and --max-grad-norm must be >= 0 (--max-grad-norm 0: no clipping)")
+        for name, count in (("--max-train-examples", self.max_train_examples),
+                            ("--max-dev-examples", self.max_dev_examples)):
+            if count is not None and count < 1:
+                raise FinetuneError(f"{name} must be at least 1")
 
 
 # ------------------------------------------------------------------------------------------- aggregation
@@ -385,7 +395,12 @@ def collate(split: EncodedSplit, indices: Sequence[int], collator, regression: b
 
 
 def resolve_device(config: FinetuneConfig) -> torch.device:
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise FinetuneError(f"--device {config.device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FinetuneError(f"--device {config.device}: this torch ({torch.__version__}) sees no CUDA GPU")
     if config.precision == "fp16" and device.type != "cuda":
         raise FinetuneError("--precision fp16 needs a GPU (use fp32 or bf16 on CPU)")
     return device
