@@ -10,7 +10,7 @@ export PYTHONPATH := $(CURDIR)
 export TOKENIZERS_PARALLELISM := false
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: venv test demo slurm-deps clean
+.PHONY: venv test demo compare slurm-deps clean
 
 venv: $(STAMP)
 
@@ -37,5 +37,10 @@ test: $(STAMP) slurm-deps
 demo: $(STAMP)
 	$(PY) -m pipeline demo
 
+# MLM vs 3ML at equal pre-training FLOPs, pre-train -> export -> fine-tune (needs ../shared: corpus and labeled
+# data; ~25 min on 2 idle cores). Results in bench/results/compare_cpu.{json,md,png}.
+compare: $(STAMP)
+	$(PY) bench/compare.py --preset cpu
+
 clean:
-	rm -rf $(VENV) .cache demo_out
+	rm -rf $(VENV) .cache demo_out compare_out

@@ -121,13 +121,14 @@ PRESETS = {
                   budget_steps=600, lr=2e-3, warmup=0.06, ranks=2, deepspeed_config="zero2_fp32.json", evals=6,
                   eval_iters=8, finetune_lr=3e-4, finetune_batch=32, finetune_epochs=2, finetune_seeds=3,
                   finetune_max_train=3000, finetune_max_length=64, device="cpu"),
-    # One H200, <= 8 minutes (sized from the H100 throughput in README's Performance section; not yet run).
+    # One H200, <= 8 minutes: sized by estimate from the H100 throughput in README's Performance section
+    # (a model ~1/20 of large's FLOPs per token: host-bound, ~25 ms/step), not yet run on a GPU.
     "gpu": Preset(model={"num_layers": 6, "hidden_size": 512, "ffn_size": 2048, "num_heads": 8,
                          "decoder_num_layers": 2, "decoder_hidden_size": 256, "decoder_ffn_size": 1024,
                          "decoder_num_heads": 4, "max_positions": 128, "pre_ln": True},
-                  vocab_size=16000, corpus_bytes=80_000_000, seq_len=128, batch=256, budget_steps=3000, lr=1e-3,
-                  warmup=0.06, ranks=1, deepspeed_config="zero2_bf16.json", evals=10, eval_iters=20,
-                  finetune_lr=5e-5, finetune_batch=32, finetune_epochs=3, finetune_seeds=5,
+                  vocab_size=16000, corpus_bytes=30_000_000, seq_len=128, batch=256, budget_steps=2000, lr=1e-3,
+                  warmup=0.06, ranks=1, deepspeed_config="zero2_bf16_autocast.json", evals=10, eval_iters=20,
+                  finetune_lr=5e-5, finetune_batch=32, finetune_epochs=2, finetune_seeds=3,
                   finetune_max_train=0, finetune_max_length=128, device="cuda"),
 }
 
