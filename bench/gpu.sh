@@ -5,6 +5,7 @@
 #   ../shared/device/make-wheelhouse.sh          # here, once: builds .whl/ (deepspeed, megatron-core, ...)
 #   bash bench/gpu.sh levers                     # on the GPU machine, .whl carried: large preset, what each lever buys
 #   bash bench/gpu.sh large | base               # on the GPU machine: the README table, one preset a call
+#   bash bench/gpu.sh hostlight                  # issue 12: today's ZeRO-2 against the hook-free ZeRO-0 path
 #
 # Results: $OUT/results.tar.gz (every configuration's JSON and log, profiler tables) and the tables printed last.
 #
@@ -43,6 +44,17 @@ bench() {  # bench NAME SECONDS ARGS...: one bench.throughput process, skipped w
   names+=("$name")
 }
 
+hbench() {  # hbench NAME SECONDS ARGS...: one bench.host_overhead process, skipped when the budget is spent
+  local name=$1 limit=$2; shift 2
+  local left=$((budget - SECONDS))
+  if ((left < 45)); then echo "$name: skipped (budget)"; return; fi
+  ((limit > left)) && limit=$left
+  echo "== $name (limit ${limit}s): $*"
+  timeout "$limit" python3 -m bench.host_overhead --json "$out/$name.json" "$@" > "$out/$name.log" 2>&1
+  echo "$name: rc=$? after ${SECONDS}s"
+  names+=("$name")
+}
+
 two=mlm:0.15,3ml-self:0.5
 case $mode in
   levers)
@@ -73,28 +85,31 @@ case $mode in
     bench base_host 120 --presets base --precisions bf16_autocast --compile --runs $two --steps 10 \
       --profile "$out/base_host_profile.txt"
     ;;
-  zero)  # host time per step against the ZeRO stage (not run yet): ZeRO-0, ZeRO-1 without contiguous gradient
-         # buffers (no per-parameter gradient hooks) and ZeRO-2, bf16 autocast, compiled, base then large
-    python3 - "$out/ds" <<'PY'
-import json, pathlib, sys
-out = pathlib.Path(sys.argv[1]); out.mkdir()
-base = json.loads(pathlib.Path("ds_configs/zero2_bf16_autocast.json").read_text())
-for name, zero in {"zero0": {"stage": 0}, "zero1": {**base["zero_optimization"], "stage": 1, "contiguous_gradients": False},
-                   "zero2": base["zero_optimization"]}.items():
-    (out / f"{name}_bf16_autocast.json").write_text(json.dumps({**base, "zero_optimization": zero}))
-PY
-    for preset in base large; do
-      for zero in zero0 zero1 zero2; do
-        bench ${preset}_${zero} 110 --presets $preset --precisions bf16_autocast --compile --runs $two \
-          --ds-config-dir "$out/ds" --zero $zero
-      done
-    done
+  hostlight)  # issue 12: ZeRO-2 against the hook-free ZeRO-0 path (bench.host_overhead: per optimizer step,
+              # wall ms, GPU-busy ms, MFU, measured/predicted speedup), compiled layers, the paper's shapes; base
+              # reaches 64 x 512 per optimizer step through 2 accumulated micro batches of 32
+    all3=mlm:0.15,3ml-self:0.5,3ml-cross:0.5
+    # HOSTLIGHT_ARGS: appended last (argparse keeps the last value), e.g. the CPU rehearsal of this mode:
+    #   PATH=.venv/bin:$PATH DS_ACCELERATOR=cpu HOSTLIGHT_ARGS="--preset tiny --seq-len 32 --micro-batch 2
+    #   --steps 1 --rounds 1 --warmup 1 --compile none" bash bench/gpu.sh hostlight   (fp16 rows: GPU only)
+    read -r -a extra <<< "${HOSTLIGHT_ARGS:-}"
+    common=(--ranks 1 --vocab-size 50265 --compile layers --steps 5 --rounds 2 --warmup 3 "${extra[@]}")
+    hbench large_b256_bf16autocast 150 --preset large --seq-len 128 --micro-batch 256 --accumulation 1 \
+      --runs $all3 --paths zero2_bf16_autocast,zero0_bf16_autocast "${common[@]}"
+    hbench base_b64_bf16autocast 150 --preset base --seq-len 512 --micro-batch 32 --accumulation 2 \
+      --runs $all3 --paths zero2_bf16_autocast,zero0_bf16_autocast "${common[@]}"
+    hbench large_b256_fp16 110 --preset large --seq-len 128 --micro-batch 256 --accumulation 1 \
+      --runs $all3 --paths zero2_fp16,zero0_fp16 "${common[@]}"
+    hbench large_b512_bf16autocast 100 --preset large --seq-len 128 --micro-batch 512 --accumulation 1 \
+      --runs $two --paths zero2_bf16_autocast,zero0_bf16_autocast "${common[@]}"
+    hbench base_b64_fp16 90 --preset base --seq-len 512 --micro-batch 32 --accumulation 2 \
+      --runs $two --paths zero2_fp16,zero0_fp16 "${common[@]}"
     ;;
-  *) echo "usage: bash bench/gpu.sh levers|large|base|base2|pad|host|zero"; exit 2 ;;
+  *) echo "usage: bash bench/gpu.sh levers|large|base|base2|pad|host|hostlight"; exit 2 ;;
 esac
 
 tar -czf "$final/results.tar.gz" -C "$out" .
 for name in "${names[@]}"; do
   echo "## $name"
-  grep -E '^\||^matmul peak|Error|error:' "$out/$name.log" | tail -n 12
+  grep -E '^\||^matmul peak|Error|error:' "$out/$name.log" | tail -n 24
 done

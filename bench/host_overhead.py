@@ -13,6 +13,8 @@ what the host does per optimizer step -- the part a GPU run cannot hide:
 * ``ATen ops``: operators dispatched in one optimizer step (a ``TorchDispatchMode`` counter: forward, backward,
   gradient reduction, optimizer); ``fwd ops``, those of the forwards alone, and ``dec-layer fwd ops``, those
   inside the 3ML decoder's Transformer layers (what 3ML adds to MLM's layer stack by construction);
+* ``host syncs``: reads of a device value by the host in one optimizer step (``aten._local_scalar_dense``:
+  ``.item()``, ``bool(tensor)``): on a GPU each one waits for the queued work, leaving the GPU idle after;
 * ``params``: parameter tensors (the per-parameter work scales with it).
 
 Every configuration runs in the same processes and their timed steps are interleaved (round-robin blocks), so
@@ -61,7 +63,8 @@ DEFAULT_PATHS = "zero2_fp32,zero0_fp32,zero2_bf16,zero0_bf16"
 
 
 def precision(path: str) -> str:
-    return path.split("_", 1)[1]
+    """``zero2_bf16_autocast_deepcompile`` -> ``bf16_autocast``: the baseline of a DeepCompile row is plain ZeRO-2."""
+    return path.split("_", 1)[1].removesuffix("_deepcompile")
 
 
 @dataclass
@@ -78,7 +81,16 @@ class Row:
     aten_ops: int | None
     forward_ops: int | None
     decoder_layer_forward_ops: int | None
+    host_syncs: int | None
     top_ops: list = field(default_factory=list)
+    preset: str = "large-depth-tiny-width"
+    batch: int = 0
+    seq_len: int = 0
+    accumulation: int = 1
+    gpu_busy_ms: float | None = None
+    mfu: float | None = None
+    predicted_speedup: float | None = None
+    measured_speedup: float | None = None
     wall_ratio_vs_zero2: float | None = None
     ops_ratio_vs_mlm: float | None = None
     wall_ratio_vs_mlm: float | None = None
@@ -151,7 +163,11 @@ class SyntheticDataset(torch.utils.data.Dataset):
 
 
 def model_config(arch: str, args) -> ModelConfig:
-    """The large preset's structure (depth, pre-LN, tied embeddings: its parameter-tensor count) at tiny widths."""
+    """``--preset``'s model (GPU), or by default the large preset's structure (depth, pre-LN, tied embeddings:
+    its parameter-tensor count) at tiny widths, where a CPU step is nearly all host work."""
+    if args.preset:
+        max_positions = max(args.seq_len, ModelConfig.preset(args.preset, arch).max_positions)
+        return ModelConfig.preset(args.preset, arch, vocab_size=args.vocab_size, max_positions=max_positions)
     return ModelConfig.preset(
         "large", arch, num_layers=args.encoder_layers, decoder_num_layers=args.decoder_layers,
         hidden_size=args.hidden, ffn_size=2 * args.hidden, num_heads=2, decoder_hidden_size=args.hidden // 2,
@@ -180,23 +196,34 @@ def ds_config_for(path: str, training, world: int) -> dict:
 class Config:
     """One (path, architecture, rate, compile) engine with its batches, ready to step."""
 
-    def __init__(self, path: str, arch: str, rate: float, compile_mode: str, args, world: int, rank: int):
+    def __init__(self, path: str, arch: str, rate: float, compile_mode: str, args, world: int, rank: int,
+                 device: torch.device):
         from model import build_model
         from pipeline.training.engine import build_engine
+        from pipeline.training.flops import MFU_FWD_BWD_FACTOR, training_flops
 
+        if path.endswith("_deepcompile"):
+            compile_mode = "deepcompile"  # DeepSpeed's engine.compile() compiles the whole model itself
         self.path, self.arch, self.rate, self.compile_mode = path, arch, rate, compile_mode
         self.accumulation = args.accumulation
-        config = model_config(arch, args)
+        self.device = device
+        self.model_config = config = model_config(arch, args)
         masking = MaskingConfig(rate=rate, seed=args.seed)
+        # Model FLOPs of one optimizer step on this rank (forward + 2x backward, Appendix D) for the MFU.
+        self.flops = training_flops(config, args.micro_batch * args.accumulation, args.seq_len, rate,
+                                    mask_fraction=masking.fractions[0], fwd_bwd_factor=MFU_FWD_BWD_FACTOR)
+        self.mask_fraction = masking.fractions[0]
+        self.seq_len = args.seq_len
         collator = MaskingCollator(masking, SPECIAL.pad)
         micro = args.micro_batch
         dataset = SyntheticDataset(Masker(masking, SPECIAL, config.vocab_size), args.seq_len, config.vocab_size,
                                    size=micro * args.accumulation * world, seed=args.seed)
         # This rank's micro batches of one optimizer step (the same every step: the content does not change
         # the host work).
-        self.micros = [collator([dataset[(i * world + rank) * micro + j] for j in range(micro)])
+        self.micros = [{k: v.to(device) for k, v in
+                        collator([dataset[(i * world + rank) * micro + j] for j in range(micro)]).items()}
                        for i in range(args.accumulation)]
-        model = build_model(config, init_seed=args.seed)
+        model = build_model(config, init_seed=args.seed).to(device)
         self.params = sum(1 for p in model.parameters() if p.requires_grad)
         training = training_config(args, world)
         # The engine run_pretrain.py trains (pipeline.training.engine's one builder).
@@ -219,11 +246,31 @@ class Config:
             self.engine.step()
         self.last_loss = output.loss
 
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def timed_steps(self, count: int):
         for _ in range(count):
+            self._sync()
             start = time.perf_counter()
             self.optimizer_step()
+            self._sync()
             self.times.append(time.perf_counter() - start)
+
+    def gpu_busy_ms(self, steps: int = 2) -> float | None:
+        """Device time of the kernels of one optimizer step (torch.profiler, CUDA activity), averaged."""
+        if self.device.type != "cuda":
+            return None
+        from torch.profiler import ProfilerActivity, profile
+
+        self._sync()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                self.optimizer_step()
+            self._sync()
+        kernel_us = sum(e.self_device_time_total for e in prof.key_averages())
+        return kernel_us / 1000.0 / steps
 
     def counted_step(self, top: int) -> dict:
         fired_before = self.hooks.fired
@@ -234,15 +281,16 @@ class Config:
             with OpCounter() as total:
                 self.optimizer_step(forward_counter=forward)
             ops, fwd_ops, decoder_ops = total.total, forward.total, forward.scoped
+            syncs = total.counts["aten._local_scalar_dense"]
             top_ops = total.counts.most_common(top)
         else:  # compiled code under a dispatch mode would run another way: count hooks only
             self.optimizer_step()
-            ops = fwd_ops = decoder_ops = None
+            ops = fwd_ops = decoder_ops = syncs = None
             top_ops = []
         for handle in handles:
             handle.remove()
         return {"hooks": self.hooks.fired - fired_before, "aten_ops": ops, "forward_ops": fwd_ops,
-                "decoder_layer_forward_ops": decoder_ops, "top_ops": top_ops}
+                "decoder_layer_forward_ops": decoder_ops, "host_syncs": syncs, "top_ops": top_ops}
 
 
 def worker(args) -> int:
@@ -256,27 +304,54 @@ def worker(args) -> int:
     world, rank = dist.get_world_size(), dist.get_rank()
     initialize_model_parallel(1, args.seed)
     torch.manual_seed(args.seed)
-    configs = [Config(path, arch, rate, mode, args, world, rank)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    peak = {}
+    if device.type == "cuda":  # the matmul peak MFU is measured against, in this run
+        from bench.throughput import measure_matmul_peak
+
+        for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+            peak[name] = measure_matmul_peak(device, dtype, 8192, 50)
+    configs = [Config(path, arch, rate, mode, args, world, rank, device)
                for mode in args.compile.split(",") for path in args.paths.split(",")
                for arch, rate in parse_runs(args.runs)]
     counts = []
     for config in configs:
         config.timed_steps(args.warmup)  # compilation, DeepSpeed's lazy buffers, allocator warm-up
         counts.append(config.counted_step(args.top_ops))
+        counts[-1]["gpu_busy_ms"] = config.gpu_busy_ms()
     for _ in range(args.rounds):  # interleaved: every configuration sees the same machine load
         for config in configs:
             dist.barrier()
             config.timed_steps(args.steps)
     rows = []
     for config, count in zip(configs, counts):
+        median_s = statistics.median(config.times)
+        peak_tflops = peak.get("fp16" if "fp16" in config.path else "bf16")
         rows.append(Row(world, config.path, config.arch, config.rate, config.compile_mode, config.params,
-                        1000.0 * statistics.median(config.times), 1000.0 * min(config.times), count["hooks"], count["aten_ops"],
-                        count["forward_ops"], count["decoder_layer_forward_ops"], count["top_ops"]))
+                        1000.0 * median_s, 1000.0 * min(config.times), count["hooks"], count["aten_ops"],
+                        count["forward_ops"], count["decoder_layer_forward_ops"], count["host_syncs"],
+                        count["top_ops"],
+                        preset=args.preset or "large-depth-tiny-width", batch=args.micro_batch,
+                        seq_len=args.seq_len, accumulation=args.accumulation, gpu_busy_ms=count["gpu_busy_ms"],
+                        mfu=config.flops / median_s / 1e12 / peak_tflops if peak_tflops else None,
+                        predicted_speedup=_predicted_speedup(config, configs)))
         assert torch.isfinite(config.last_loss), f"{config.path} {config.arch}: loss {config.last_loss}"
     if rank == 0:
         Path(args.worker_output).write_text(json.dumps([asdict(r) for r in rows]))
     dist.barrier()
     return 0
+
+
+def _predicted_speedup(config: Config, configs: list[Config]) -> float | None:
+    """The FLOPs-predicted speedup of ``config`` over the MLM row of its path (pipeline.training.flops)."""
+    from pipeline.training.flops import speedup
+
+    mlm = next((c for c in configs if c.arch == "mlm" and (c.path, c.compile_mode) == (config.path,
+                                                                                      config.compile_mode)), None)
+    if mlm is None:
+        return None
+    return speedup(config.model_config, config.rate, mlm.model_config, mlm.rate, config.seq_len,
+                   config.mask_fraction)
 
 
 def parse_runs(text: str) -> list[tuple[str, float]]:
@@ -297,7 +372,8 @@ def launch(world: int, argv: list[str], timeout: float) -> list[Row]:
         output = Path(tmp) / "rows.json"
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(world),
                    PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
-        env.setdefault("DS_ACCELERATOR", "cpu")
+        if not torch.cuda.is_available():
+            env.setdefault("DS_ACCELERATOR", "cpu")
         env.setdefault("OMP_NUM_THREADS", "1")
         logs = [open(Path(tmp) / f"rank{r}.log", "w+") for r in range(world)]
         procs = [subprocess.Popen([sys.executable, "-m", "bench.host_overhead", *argv, "--worker-output",
@@ -321,13 +397,15 @@ def add_ratios(rows: list[Row]) -> None:
     each architecture's ops and wall time against MLM's (same ranks, path, compile)."""
     for row in rows:
         same = [r for r in rows if (r.ranks, r.compile) == (row.ranks, row.compile)]
-        zero2 = next((r for r in same if r.path == "zero2_" + precision(row.path) and r.architecture == row.architecture
-                      and r.masking_rate == row.masking_rate), None)
+        zero2 = next((r for r in rows if (r.ranks, r.path, r.architecture, r.masking_rate)
+                      == (row.ranks, "zero2_" + precision(row.path), row.architecture, row.masking_rate)
+                      and (r.compile == row.compile or row.compile == "deepcompile")), None)
         mlm = next((r for r in same if r.path == row.path and r.architecture == "mlm"), None)
         if zero2 is not None:
             row.wall_ratio_vs_zero2 = row.min_ms / zero2.min_ms
         if mlm is not None:
             row.wall_ratio_vs_mlm = row.min_ms / mlm.min_ms
+            row.measured_speedup = mlm.wall_ms / row.wall_ms
             if row.aten_ops is not None and mlm.aten_ops:
                 row.ops_ratio_vs_mlm = row.aten_ops / mlm.aten_ops
 
@@ -336,12 +414,21 @@ def format_table(rows: list[Row]) -> str:
     ratio = lambda v: "-" if v is None else f"{v:.2f}x"
     count = lambda v: "-" if v is None else str(v)
     lines = ["| ranks | path | compile | arch | rate | params | ms/step median | min | min vs ZeRO-2 | min vs MLM "
-             "| hooks fired | ATen ops | fwd ops | dec-layer fwd ops | ops vs MLM |", "|" + "---|" * 15]
+             "| hooks fired | host syncs | ATen ops | fwd ops | dec-layer fwd ops | ops vs MLM |", "|" + "---|" * 16]
     for r in rows:
         lines.append(f"| {r.ranks} | {r.path} | {r.compile} | {r.architecture} | {r.masking_rate:.2f} | {r.params} "
                      f"| {r.wall_ms:.1f} | {r.min_ms:.1f} | {ratio(r.wall_ratio_vs_zero2)} | {ratio(r.wall_ratio_vs_mlm)} "
-                     f"| {r.hooks} | {count(r.aten_ops)} | {count(r.forward_ops)} "
+                     f"| {r.hooks} | {count(r.host_syncs)} | {count(r.aten_ops)} | {count(r.forward_ops)} "
                      f"| {count(r.decoder_layer_forward_ops)} | {ratio(r.ops_ratio_vs_mlm)} |")
+    if any(r.gpu_busy_ms is not None for r in rows):
+        lines += ["", "| preset | batch x len x accumulation | path | compile | arch | rate | ms/step | GPU-busy ms "
+                  "| MFU | measured speedup | FLOPs-predicted |", "|" + "---|" * 11]
+        for r in rows:
+            busy = "-" if r.gpu_busy_ms is None else f"{r.gpu_busy_ms:.1f}"
+            mfu = "-" if r.mfu is None else f"{100 * r.mfu:.1f}%"
+            lines.append(f"| {r.preset} | {r.batch} x {r.seq_len} x {r.accumulation} | {r.path} | {r.compile} "
+                         f"| {r.architecture} | {r.masking_rate:.2f} | {r.wall_ms:.1f} | {busy} | {mfu} "
+                         f"| {ratio(r.measured_speedup)} | {ratio(r.predicted_speedup)} |")
     return "\n".join(lines)
 
 
@@ -355,6 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated from none, layers (model.layers.compile_layers), model "
                              "(engine.compile(): the whole forward)")
     parser.add_argument("--ranks", default="1,2", help="world sizes to run, e.g. 1,2")
+    parser.add_argument("--preset", choices=ModelConfig.preset_names(),
+                        help="this preset's model at --vocab-size (GPU runs) instead of tiny widths at the large "
+                             "preset's depth (--encoder-layers, --decoder-layers, --hidden)")
     parser.add_argument("--encoder-layers", type=int, default=24, help="the large preset's depth")
     parser.add_argument("--decoder-layers", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=32, help="encoder width (tiny: compute is negligible)")

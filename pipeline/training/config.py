@@ -343,6 +343,15 @@ def implementation_settings(ds_config: dict) -> dict:
     return ds
 
 
+def _deepspeed_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("deepspeed")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
 def merge_hyper_parameters(settings: dict, training: TrainingConfig, data_parallel_size: int, source: str,
                            accelerator_name: str, fp16_supported: bool, bf16_supported: bool) -> dict:
     """The implementation ``settings`` (from ``source``) with the hyper-parameters of ``training`` written in."""
@@ -361,6 +370,16 @@ def merge_hyper_parameters(settings: dict, training: TrainingConfig, data_parall
                           "fp32 config")
     if ds.get("bf16", {}).get("enabled") and not bf16_supported:
         raise ConfigError(f"{source}: bf16 is not supported by the {accelerator_name} accelerator")
+    if ds.get("compile", {}).get("deepcompile") and accelerator_name != "cuda":
+        # DeepSpeed 0.19.8 registers its DeepCompile passes only when is_deepcompile_supported(): torch >= 2.6
+        # and a CUDA accelerator; elsewhere engine.compile() would silently fall back to plain torch.compile.
+        raise ConfigError(f"{source}: DeepCompile (compile.deepcompile) runs on CUDA only in DeepSpeed "
+                          f"{_deepspeed_version()}, not on the {accelerator_name} accelerator")
+    zero = ds.get("zero_optimization", {})
+    if zero.get("compute_grad_norm") is False and (training.grad_clip > 0
+                                                   or int(zero.get("stage", 0)) not in (1, 2)):
+        raise ConfigError(f"{source}: zero_optimization.compute_grad_norm=false needs ZeRO stage 1 or 2 and "
+                          f"--grad-clip 0 (got stage {zero.get('stage', 0)}, grad_clip {training.grad_clip})")
     if accelerator_name == "cpu":
         # DeepSpeed's fused Adam kernels are GPU-only; torch's AdamW is also what makes CPU runs bitwise
         # reproducible across a resume.

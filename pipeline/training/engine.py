@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pipeline.errors import ConfigError
 from pipeline.training.config import TrainingConfig
 from pipeline.training.schedule import lr_multiplier
 
@@ -65,11 +66,18 @@ def build_engine(model, training: TrainingConfig, deepspeed_config: dict, *, com
     state initialised (``model.parallel.initialize_model_parallel``).
 
     ``compile_layers``: ``torch.compile`` the Transformer and prediction layers first. ``load_universal``: this
-    engine loads a DeepSpeed universal checkpoint (re-sharding); the saved configuration stays native."""
+    engine loads a DeepSpeed universal checkpoint (re-sharding); the saved configuration stays native. A config
+    with ``"compile": {"deepcompile": true}`` (ZeRO 1-3, CUDA only; checked by ``merge_hyper_parameters``) gets
+    DeepSpeed's ``engine.compile()``: the whole model compiled, the ZeRO collectives inside the graph instead of
+    per-parameter gradient hooks."""
     import deepspeed
 
     from model.parallel import MegatronMpuForDeepSpeed
 
+    deepcompile = bool(deepspeed_config.get("compile", {}).get("deepcompile"))
+    if deepcompile and compile_layers:
+        raise ConfigError("--compile and DeepCompile (compile.deepcompile in the DeepSpeed config) both compile "
+                          "the model: choose one")
     if compile_layers:
         from model.layers import compile_layers as compile_model_layers
 
@@ -80,6 +88,8 @@ def build_engine(model, training: TrainingConfig, deepspeed_config: dict, *, com
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=parameter_groups(model, training.weight_decay), config=config,
         lr_scheduler=lr_scheduler_factory(training), mpu=MegatronMpuForDeepSpeed(), dist_init_required=False)
+    if deepcompile:
+        engine.compile()
     return engine
 
 
