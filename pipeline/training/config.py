@@ -371,8 +371,8 @@ def merge_hyper_parameters(settings: dict, training: TrainingConfig, data_parall
     if ds.get("bf16", {}).get("enabled") and not bf16_supported:
         raise ConfigError(f"{source}: bf16 is not supported by the {accelerator_name} accelerator")
     if ds.get("compile", {}).get("deepcompile") and accelerator_name != "cuda":
-        # DeepSpeed 0.19.8 registers its DeepCompile passes only when is_deepcompile_supported(): torch >= 2.6
-        # and a CUDA accelerator; elsewhere engine.compile() would silently fall back to plain torch.compile.
+        # DeepSpeed 0.19.8 registers its DeepCompile passes only when is_deepcompile_supported() (torch >= 2.6
+        # and a CUDA accelerator), and engine.compile() loads its DeepCompileBuilder op: a CUDA extension.
         raise ConfigError(f"{source}: DeepCompile (compile.deepcompile) runs on CUDA only in DeepSpeed "
                           f"{_deepspeed_version()}, not on the {accelerator_name} accelerator")
     zero = ds.get("zero_optimization", {})
