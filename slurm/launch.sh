@@ -96,25 +96,26 @@ if [[ -z "${MASTER_ADDR:-}" && "$DRY_RUN" != 1 ]]; then
 fi
 # The dry run's nodes are hypothetical: it shows the first node's name where the job will ask Slurm for its address.
 MASTER_ADDR="${MASTER_ADDR:-$FIRST_NODE}"
-# Tasks of this allocation: SLURM_TASKS_PER_NODE ("8(x4)" or "2(x3),1") describes the nodes the job holds now;
-# SLURM_NTASKS may still be the submission's when a requeued job (--nodes=MIN-MAX) restarted on fewer nodes.
-allocated_tasks() {
-    local total=0 part count repeat
+# Tasks of this allocation, one count per node: SLURM_TASKS_PER_NODE ("8(x4)", or "2(x3),1") describes the nodes
+# the job holds now; SLURM_NTASKS is still the submission's when a requeued job restarted on fewer nodes (e.g.
+# after `scontrol update JobId=... NumNodes=2`), and srun would ask for the old count.
+tasks_per_node() {
+    local part count repeat i
     IFS=, read -r -a parts <<< "${SLURM_TASKS_PER_NODE:-${SLURM_NTASKS:-1}}"
     for part in "${parts[@]}"; do
         count="${part%%(*}"; repeat=1
         [[ "$part" == *"(x"* ]] && { repeat="${part#*(x}"; repeat="${repeat%)}"; }
-        total=$((total + count * repeat))
+        for ((i = 0; i < repeat; i++)); do echo "$count"; done
     done
-    echo "$total"
 }
 NUM_NODES="${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}"
-NUM_TASKS="$(allocated_tasks)"
+NUM_TASKS=0
+for count in $(tasks_per_node); do NUM_TASKS=$((NUM_TASKS + count)); done
 
 # The dry run: what every rank of this layout would get, from slurm/rank_env.sh itself run with the SLURM_*
 # variables srun would give it (block distribution, Slurm's default: ranks fill a node before the next).
 dry_run_report() {
-    local nodes part count repeat node_index=0 rank=0 local_rank i
+    local nodes count node_index=0 rank=0 local_rank
     mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
     echo "launch.sh dry run: $NUM_NODES nodes ($SLURM_JOB_NODELIST), $NUM_TASKS ranks, tasks per node $SLURM_TASKS_PER_NODE"
     echo "rendezvous: MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT"
@@ -122,18 +123,13 @@ dry_run_report() {
          "TORCH_NCCL_ASYNC_ERROR_HANDLING=$TORCH_NCCL_ASYNC_ERROR_HANDLING" \
          "CUDA_DEVICE_MAX_CONNECTIONS=$CUDA_DEVICE_MAX_CONNECTIONS TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-}" \
          "NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-} NCCL_IB_HCA=${NCCL_IB_HCA:-}"
-    IFS=, read -r -a parts <<< "$SLURM_TASKS_PER_NODE"
-    for part in "${parts[@]}"; do
-        count="${part%%(*}"; repeat=1
-        [[ "$part" == *"(x"* ]] && { repeat="${part#*(x}"; repeat="${repeat%)}"; }
-        for ((i = 0; i < repeat; i++)); do
-            for ((local_rank = 0; local_rank < count; local_rank++)); do
-                SLURM_PROCID=$rank SLURM_LOCALID=$local_rank SLURM_STEP_NUM_TASKS=$NUM_TASKS \
-                    SLURMD_NODENAME="${nodes[$node_index]}" "$REPO_DIR/slurm/rank_env.sh" true 2>&1
-                rank=$((rank + 1))
-            done
-            node_index=$((node_index + 1))
+    for count in $(tasks_per_node); do
+        for ((local_rank = 0; local_rank < count; local_rank++)); do
+            SLURM_PROCID=$rank SLURM_LOCALID=$local_rank SLURM_STEP_NUM_TASKS=$NUM_TASKS \
+                SLURMD_NODENAME="${nodes[$node_index]}" "$REPO_DIR/slurm/rank_env.sh" true 2>&1
+            rank=$((rank + 1))
         done
+        node_index=$((node_index + 1))
     done
     echo "srun line: $(printf '%q ' "${srun_cmd[@]}" "${train_cmd[@]}")"
 }
@@ -145,8 +141,7 @@ export PYTHONPATH="$REPO_DIR${PYTHONPATH:+:$PYTHONPATH}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
 export TOKENIZERS_PARALLELISM="${TOKENIZERS_PARALLELISM:-false}"
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$REPO_DIR/.cache/torch_extensions}"
-# NCCL: report problems, fail fast on a hung collective instead of waiting for the time limit. Interface and
-# InfiniBand selection are cluster-specific: set NCCL_SOCKET_IFNAME / NCCL_IB_HCA in the environment if needed.
+# NCCL and CUDA settings: why each, and what is left to the cluster, in the header.
 export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
 export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
 export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"
@@ -163,7 +158,7 @@ if [[ -f "$RUN_DIR/checkpoints/latest" ]]; then
 fi
 # shellcheck disable=SC2206  # TRAIN_ARGS is a user-supplied, word-split argument string
 train_cmd+=(${TRAIN_ARGS})
-# srun's layout from the allocation (not from an inherited SLURM_NTASKS; see allocated_tasks), one array for the
+# srun's layout from the allocation (not from an inherited SLURM_NTASKS; see tasks_per_node), one array for the
 # dry run, the re-shard and the training step.
 srun_cmd=(srun --kill-on-bad-exit=1 --export=ALL --nodes="$NUM_NODES" --ntasks="$NUM_TASKS" "$REPO_DIR/slurm/rank_env.sh")
 
