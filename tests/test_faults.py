@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -197,6 +198,15 @@ def test_old_layout_dataset_is_adopted_without_a_moment_of_loss(tmp_path, small_
     with pytest.raises(OSError):
         _preprocess(prefix, english_text_file, tiny_tokenizer)
     assert _dataset_bytes(prefix) == old and os.path.islink(f"{prefix}_train.bin")
+    monkeypatch.undo()
+    for suffix in DATASET_FILES:  # the old layout again, replaced by a run that succeeds
+        Path(f"{prefix}{suffix}").unlink()
+        Path(f"{prefix}{suffix}").write_bytes(old[suffix])
+    shutil.rmtree(tmp_path / "d.dataset")
+    meta = _preprocess(prefix, english_text_file, tiny_tokenizer)
+    assert meta["documents"] == 300 and json.loads(Path(f"{prefix}.meta.json").read_text()) == meta
+    assert _everything(tmp_path) == sorted(["d.dataset"] + [f"d.dataset/d{s}" for s in DATASET_FILES]
+                                           + [f"d{s}" for s in DATASET_FILES])
 
 
 # ---------------------------------------------------------------------------------------- item 3: an empty split

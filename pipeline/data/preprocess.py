@@ -339,10 +339,10 @@ def preprocess(config: PreprocessConfig) -> dict:
     try:
         _sweep_older_temporaries(prefix)
         sweep_leftovers(dataset_dir(prefix))
+        _adopt_plain_files(prefix)  # first: it uses the same staging name
         staging = make_staging_dir(dataset_dir(prefix))
         with naming_path(staging):
             meta = _write_dataset(config, inputs, tokenizer_file, tokenizer, prefix, staging)
-        _adopt_plain_files(prefix)
         publish_directory(staging, dataset_dir(prefix))
         staging = None
         for name in dataset_file_names(prefix):
