@@ -217,7 +217,7 @@ def _exchange(first: Path, second: Path) -> bool:
     code = ctypes.get_errno()
     if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
         return False
-    raise OSError(code, os.strerror(code), str(second), None, str(first))
+    raise OSError(code, os.strerror(code), str(first), None, str(second))
 
 
 def publish_directory(staging: str | os.PathLike, target: str | os.PathLike) -> None:
