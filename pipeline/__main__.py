@@ -11,6 +11,7 @@ from pipeline.errors import run_cli
 COMMANDS = {
     "tokenizer": ("pipeline.data.tokenizer", "train a byte-level BPE tokenizer or import GPT-2/RoBERTa files"),
     "preprocess": ("pipeline.data.preprocess", "tokenize a corpus into megatron-core indexed datasets"),
+    "merge": ("pipeline.data.merge", "join preprocessed shards (preprocess --shard I/N) into one dataset"),
     "train": ("pipeline.training.trainer", "pre-train (the same as run_pretrain.py; launch with torchrun etc.)"),
     "reshard": ("pipeline.training.universal", "re-shard a checkpoint for another number of data-parallel ranks"),
     "flops": ("pipeline.training.flops", "training FLOPs of MLM / 3ML (paper Appendix D) and the speedup"),

@@ -39,7 +39,7 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -230,8 +230,14 @@ class PreprocessConfig:
     """Encode with tiktoken when it provably gives the same ids as HF tokenizers (``pipeline.data.fast_bpe``; about 5x
     faster), else with HF tokenizers."""
     show_progress: bool = True
+    shard: tuple[int, int] | None = None
+    """(I, N): tokenize only shard I of N of the inputs (contiguous runs of input files) into
+    ``shard_prefix(output_prefix, I, N)``, its valid documents chosen by (seed, I, N); ``pipeline.data.merge``
+    joins the N shards."""
 
     def __post_init__(self):
+        if self.shard is not None and not (self.shard[1] >= 1 and 0 <= self.shard[0] < self.shard[1]):
+            raise ValueError(f"shard must be I/N with 0 <= I < N, got {self.shard[0]}/{self.shard[1]}")
         if self.input_format not in FORMATS:
             raise ValueError(f"input_format must be one of {FORMATS}, got {self.input_format!r}")
         if not (0.0 <= self.valid_fraction < 1.0):
@@ -262,6 +268,21 @@ def add_documents(builder, flat: np.ndarray, offsets: np.ndarray, document_lengt
     count = len(builder.sequence_lengths)
     builder.sequence_lengths.extend(document_lengths[documents].tolist())
     builder.document_indices.extend(range(count + 1, count + documents.size + 1))
+
+
+def shard_prefix(prefix: str | os.PathLike, index: int, count: int) -> str:
+    """Where ``--shard index/count`` writes: PREFIX-shard-0000I-of-0000N."""
+    return f"{prefix}-shard-{index:05d}-of-{count:05d}"
+
+
+def shard_inputs(inputs: list[Path], index: int, count: int) -> list[Path]:
+    """Shard ``index`` of ``count``: a contiguous run of the (sorted, expanded) input files, so the shards in
+    order hold the documents of one run in the same order. DataError when there are fewer files than shards."""
+    if len(inputs) < count:
+        raise DataError(f"--shard {index}/{count}: only {len(inputs)} input files ({inputs[0]} ...); a shard is a "
+                        "set of whole files: split the corpus into at least as many files as shards")
+    bounds = np.linspace(0, len(inputs), count + 1).round().astype(int)
+    return inputs[bounds[index]:bounds[index + 1]]
 
 
 def _valid_document_mask(n_documents: int, valid_fraction: float, seed: int) -> np.ndarray:
@@ -332,8 +353,29 @@ def preprocess(config: PreprocessConfig) -> dict:
     """Runs one preprocessing job (see the module docstring); returns the meta.json content."""
     prefix = _output_prefix(config.output_prefix)
     inputs = expand_inputs(config.inputs)
+    if config.shard is not None:
+        inputs = shard_inputs(inputs, *config.shard)
+        prefix = _output_prefix(shard_prefix(prefix, *config.shard))
     tokenizer_file = resolve_tokenizer_file(config.tokenizer)
     tokenizer = load_raw_tokenizer(tokenizer_file)
+    meta = publish_dataset(prefix, lambda staging: _write_dataset(config, inputs, tokenizer_file, tokenizer, prefix,
+                                                                  staging))
+    if meta["splits"]["valid"]["documents"] == 0:
+        print(f"warning: {split_prefix(prefix, 'valid')}: the valid split is empty (--valid-fraction "
+              f"{config.valid_fraction}, {meta['documents']} documents); train with --eval-interval 0",
+              file=sys.stderr)
+    if meta["invalid_utf8_replaced"]:
+        files = ", ".join(f"{name} ({count})" for name, count in meta["invalid_utf8_by_file"].items())
+        print(f"warning: replaced {meta['invalid_utf8_replaced']} invalid UTF-8 sequences with U+FFFD in "
+              f"{files}", file=sys.stderr)
+    del meta["invalid_utf8_by_file"]
+    return meta
+
+
+def publish_dataset(prefix: Path, write: Callable[[Path], dict]) -> dict:
+    """``write(staging)`` fills a staging directory with the dataset's files and returns its meta; the directory is
+    then published in one rename as PREFIX.dataset/ with the PREFIX_* symlinks (the module docstring), or removed
+    on any failure. Returns what ``write`` returned."""
     created = _make_parents(prefix.parent)
     staging = None
     try:
@@ -342,7 +384,7 @@ def preprocess(config: PreprocessConfig) -> dict:
         _adopt_plain_files(prefix)  # first: it uses the same staging name
         staging = make_staging_dir(dataset_dir(prefix))
         with naming_path(staging):
-            meta = _write_dataset(config, inputs, tokenizer_file, tokenizer, prefix, staging)
+            meta = write(staging)
         publish_directory(staging, dataset_dir(prefix))
         staging = None
         for name in dataset_file_names(prefix):
@@ -362,15 +404,6 @@ def preprocess(config: PreprocessConfig) -> dict:
     for split in SPLITS:
         for stale in prefix.parent.glob(Path(split_prefix(prefix, split)).name + ".packed-L*.npy"):
             stale.unlink(missing_ok=True)
-    if meta["splits"]["valid"]["documents"] == 0:
-        print(f"warning: {split_prefix(prefix, 'valid')}: the valid split is empty (--valid-fraction "
-              f"{config.valid_fraction}, {meta['documents']} documents); train with --eval-interval 0",
-              file=sys.stderr)
-    if meta["invalid_utf8_replaced"]:
-        files = ", ".join(f"{name} ({count})" for name, count in meta["invalid_utf8_by_file"].items())
-        print(f"warning: replaced {meta['invalid_utf8_replaced']} invalid UTF-8 sequences with U+FFFD in "
-              f"{files}", file=sys.stderr)
-    del meta["invalid_utf8_by_file"]
     return meta
 
 
@@ -430,7 +463,8 @@ def _write_dataset(config: PreprocessConfig, inputs: list[Path], tokenizer_file:
             raise DataError(f"{names}: no non-empty documents ({reader.stats.empty_documents} empty skipped)")
 
         # Pass 2: split by documents and write both indexed datasets with megatron-core's builder.
-        is_valid = _valid_document_mask(document_lengths.size, config.valid_fraction, config.seed)
+        is_valid = _valid_document_mask(document_lengths.size, config.valid_fraction,
+                                        config.seed if config.shard is None else [config.seed, *config.shard])
         is_valid &= document_lengths > 0
         offsets = np.concatenate([[0], np.cumsum(document_lengths)])
         flat = np.memmap(all_tokens_path, dtype=dtype, mode="r") if offsets[-1] else np.zeros(0, dtype)
@@ -469,6 +503,7 @@ def _write_dataset(config: PreprocessConfig, inputs: list[Path], tokenizer_file:
         "text_bytes": reader.stats.text_bytes,
         "sources": [{"path": str(path.resolve()), "format": detect_format(path)
                      if config.input_format == "auto" else config.input_format} for path in inputs],
+        **({"shard": list(config.shard)} if config.shard is not None else {}),
     }
     meta_file = staging / dataset_file_names(prefix)[-1]
     with naming_path(meta_file), open(meta_file, "w", encoding="utf-8") as stream:
@@ -499,7 +534,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-fast-tokenizer", dest="fast_tokenizer", action="store_false",
                         help="always encode with HF tokenizers (default: tiktoken where it gives the same ids)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--shard", type=_shard_argument, default=None, metavar="I/N",
+                        help="tokenize only shard I (0-based) of N of the input files into "
+                             "OUTPUT_PREFIX-shard-0000I-of-0000N (a Slurm array task); `python -m pipeline merge` "
+                             "joins the shards")
     return parser
+
+
+def _shard_argument(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"expected I/N (e.g. 3/16), got {text!r}")
+    return int(match.group(1)), int(match.group(2))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -509,12 +555,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             inputs=args.input, tokenizer=args.tokenizer, output_prefix=args.output_prefix,
             input_format=args.input_format, text_key=args.text_key, one_doc_per_line=args.one_doc_per_line,
             valid_fraction=args.valid_fraction, seed=args.seed, workers=args.workers,
-            replace_invalid=args.replace_invalid, fast_tokenizer=args.fast_tokenizer, show_progress=not args.quiet)
+            replace_invalid=args.replace_invalid, fast_tokenizer=args.fast_tokenizer, show_progress=not args.quiet,
+            shard=args.shard)
     except ValueError as error:
         raise DataError(str(error)) from None
     meta = preprocess(config)
     splits = meta["splits"]
-    print(f"wrote {args.output_prefix}_{{train,valid}}.{{bin,idx}}: train {splits['train']['documents']} documents / "
+    written = args.output_prefix if args.shard is None else shard_prefix(args.output_prefix, *args.shard)
+    print(f"wrote {written}_{{train,valid}}.{{bin,idx}}: train {splits['train']['documents']} documents / "
           f"{splits['train']['tokens']} tokens, valid {splits['valid']['documents']} documents / "
           f"{splits['valid']['tokens']} tokens; {meta['empty_documents_skipped']} empty documents skipped")
     return 0
