@@ -119,8 +119,15 @@ def test_four_nodes_train_like_one_node_with_four_tasks(cluster, four_node_run, 
 
 
 def _preempt_at(cluster: SlurmCluster, job_id: str, run_dir: Path, before_signal=None) -> None:
-    cluster.wait_for(lambda: any(r["step"] == STOP_AFTER for r in _train_records(run_dir)), JOB_TIMEOUT,
-                     f"step {STOP_AFTER} of job {job_id}", poll=0.5)
+    def reached_step() -> bool:
+        if any(r["step"] == STOP_AFTER for r in _train_records(run_dir)):
+            return True
+        state = cluster.job_field(job_id, "JobState")
+        assert state in ("PENDING", "CONFIGURING", "RUNNING"), (
+            f"job {job_id} is {state} before step {STOP_AFTER}\n" + _diagnostics(cluster, run_dir))
+        return False
+
+    cluster.wait_for(reached_step, JOB_TIMEOUT, f"step {STOP_AFTER} of job {job_id}", poll=0.5)
     if before_signal is not None:
         before_signal()
     cluster.run("scancel", "--signal=USR1", "--batch", job_id)
