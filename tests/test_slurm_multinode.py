@@ -230,3 +230,19 @@ def test_dry_run_prints_the_32_gpu_layout_and_submits_nothing(cluster, tmp_path)
     assert [line.split()[1:4] for line in ranks] == [
         [f"node=gpu0{7 + rank // 4}", f"RANK={rank}", f"LOCAL_RANK={rank % 4}"] for rank in range(8)]
     assert "--nodes=2 --ntasks=8 " in out.stdout.splitlines()[-1]
+
+
+def test_launcher_counts_tasks_from_the_allocation_not_a_stale_ntasks(cluster, tmp_path):
+    """An uneven allocation (2+2+2+1 tasks) with the submission's SLURM_NTASKS=32 left in the environment, as a
+    job requeued onto fewer nodes has it: srun gets the 7 tasks the job holds, ranks fill nodes in order."""
+    env = {"PATH": cluster.env["PATH"], "HOME": str(tmp_path), "SLURM_CONF": cluster.env["SLURM_CONF"],
+           "PYTHON": sys.executable, "DATA_PREFIX": "/data/wiki", "RUN_DIR": str(tmp_path / "run"),
+           "LAUNCH_DRY_RUN": "1", "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "gpu[1-4]", "SLURM_JOB_NUM_NODES": "4",
+           "SLURM_TASKS_PER_NODE": "2(x3),1", "SLURM_NTASKS": "32", "REPO_DIR": str(REPO)}
+    out = subprocess.run([str(REPO / "slurm" / "launch.sh")], capture_output=True, text=True, env=env, timeout=120,
+                         check=True).stdout.splitlines()
+    assert out[0] == "launch.sh dry run: 4 nodes (gpu[1-4]), 7 ranks, tasks per node 2(x3),1"
+    ranks = [line.split()[1:5] for line in out if line.startswith("rank_env.sh:")]
+    assert ranks == [[f"node=gpu{node}", f"RANK={rank}", f"LOCAL_RANK={local}", "WORLD_SIZE=7"]
+                     for rank, (node, local) in enumerate([(1, 0), (1, 1), (2, 0), (2, 1), (3, 0), (3, 1), (4, 0)])]
+    assert out[-1].startswith("srun line: srun --kill-on-bad-exit=1 --export=ALL --nodes=4 --ntasks=7 ")
