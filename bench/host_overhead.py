@@ -189,8 +189,16 @@ def ds_config_for(path: str, training, world: int) -> dict:
     from pipeline.training.config import build_deepspeed_config
 
     accelerator = get_accelerator()
-    return build_deepspeed_config(REPO / "ds_configs" / f"{path}.json", training, world, accelerator.device_name(),
-                                  accelerator.is_fp16_supported(), accelerator.is_bf16_supported())
+    file = REPO / "ds_configs" / f"{path}.json"
+    ds = build_deepspeed_config(file, training, world, accelerator.device_name(), accelerator.is_fp16_supported(),
+                                accelerator.is_bf16_supported())
+    asks_fused_adam = not json.loads(file.read_text()).get("optimizer", {}).get("params", {}).get("torch_adam")
+    if accelerator.device_name() == "cpu" and asks_fused_adam:
+        # DeepSpeed's FusedAdam is GPU-only and the CPU falls back to torch's AdamW; its default for-loop form
+        # reads every parameter's step counter on the host. torch's fused AdamW (one operator per group) is what
+        # stands in for FusedAdam here, so a CPU row counts the host work a GPU step has.
+        ds["optimizer"]["params"]["fused"] = True
+    return ds
 
 
 class Config:
