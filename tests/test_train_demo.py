@@ -1,4 +1,5 @@
-"""The demo's text extraction and launch command (the full demo is `make demo`, a few minutes)."""
+"""The demo: text extraction, launch command, and a shortened run that must learn from context (the full demo
+is `make demo`, a few minutes)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ import argparse
 import json
 
 from pipeline import demo
+from pipeline.evaluation.report import read_metrics, unigram_perplexity
+
+SHORT_STEPS = 200  # a third of `make demo`'s steps: ~1 min of pre-training on 2 idle cores
 
 
 def test_wikipedia_articles_are_plain_english_paragraphs():
@@ -25,9 +29,25 @@ def test_corpus_file_and_pretrain_command(tmp_path):
     assert stats["lee_documents"] == 300 and stats["wikipedia_articles"] >= 90
     first = json.loads((tmp_path / "corpus.jsonl").read_text().splitlines()[0])
     assert first["text"].startswith("Anarchism is a political philosophy")
-    args = argparse.Namespace(ranks=2, batch_size=32, steps=600, lr=2e-3)
+    args = argparse.Namespace(ranks=2, batch_size=32, steps=600, lr=demo.DEMO_LR)
     command = demo.pretrain_command(args, tmp_path / "data", tmp_path / "tok.json", tmp_path / "run")
     joined = " ".join(command)
     assert "--nproc_per_node=2" in joined and "--deepspeed_config zero2_fp32.json" in joined
     assert "--architecture 3ml-self" in joined and "--micro-batch-size 16" in joined
     assert "--model-set pre_ln=true" in joined
+
+
+def test_shortened_demo_learns_from_context_and_fills_in_masks(tmp_path, capsys):
+    """Fewer steps than `make demo`; the masked-token perplexity must still end below the unigram level (a model
+    that learned word frequencies only sits at it), and the exported full model must fill in masks."""
+    out = tmp_path / "demo"
+    status = demo.main(["--output-dir", str(out), "--steps", str(SHORT_STEPS)])
+    printed = capsys.readouterr().out
+    _, evals = read_metrics(out / "run")
+    unigram = unigram_perplexity(out / "data" / "wiki_lee")
+    assert evals[-1]["step"] == SHORT_STEPS
+    assert evals[-1]["ppl_masked"] < unigram < evals[0]["ppl_masked"], (evals[-1], unigram)
+    assert status == 0 and "x the unigram perplexity" in printed
+    assert (out / "export" / "3ml" / "model.safetensors").is_file() and (out / "run" / "loss_curves.png").is_file()
+    assert printed.count("top predictions (probability)") == demo.INFILL_SENTENCES
+    assert "top-1 correct: " in printed

@@ -50,14 +50,20 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
     return train, evals
 
 
-def _token_counts(prefix: str | Path, split: str, vocab_size: int) -> np.ndarray:
-    """How often each token id occurs in one split (all documents, specials included)."""
+def corruptible_token_counts(prefix: str | Path, split: str) -> np.ndarray:
+    """How often each token id occurs in one split of the dataset at ``prefix``, 0 for the ids masking never
+    corrupts (<s>, </s>, <pad>, <mask>): the tokens a masked language model is asked to predict."""
+    meta = load_meta(prefix)
+    vocab_size = int(meta["tokenizer"]["vocab_size"])
+    special = meta["special_tokens"]
     indexed = open_indexed_dataset(split_prefix(prefix, split))
     # The whole .bin in one read through megatron-core's reader (documents are stored back to back).
     tokens = indexed.bin_reader.read(indexed.index.dtype, int(np.sum(indexed.sequence_lengths)), 0)
     if tokens.size and int(tokens.max()) >= vocab_size:
         raise DataError(f"{split_prefix(prefix, split)}.bin: token id {int(tokens.max())} >= vocab size {vocab_size}")
-    return np.bincount(tokens.astype(np.int64), minlength=vocab_size)
+    counts = np.bincount(tokens.astype(np.int64), minlength=vocab_size)
+    counts[[special["bos"], special["eos"], special["pad"], special["mask"]]] = 0
+    return counts
 
 
 def unigram_perplexity(prefix: str | Path) -> float:
@@ -70,16 +76,13 @@ def unigram_perplexity(prefix: str | Path) -> float:
     a model that ignores the context and predicts frequencies only: ``ppl_masked`` below it means the model
     uses the context.
     """
-    meta = load_meta(prefix)
-    vocab_size = int(meta["tokenizer"]["vocab_size"])
-    special = meta["special_tokens"]
-    corruptible = np.ones(vocab_size, dtype=bool)
-    corruptible[[special["bos"], special["eos"], special["pad"], special["mask"]]] = False
-    train = _token_counts(prefix, "train", vocab_size) * corruptible
-    valid = _token_counts(prefix, "valid", vocab_size) * corruptible
+    train = corruptible_token_counts(prefix, "train")
+    valid = corruptible_token_counts(prefix, "valid")
     if valid.sum() == 0:
         raise DataError(f"{split_prefix(prefix, 'valid')}.bin: no corruptible tokens")
-    log_p = np.log(train + 1.0) - math.log(train.sum() + corruptible.sum())
+    special = load_meta(prefix)["special_tokens"]
+    corruptible_ids = len(train) - len({special[name] for name in ("bos", "eos", "pad", "mask")})
+    log_p = np.log(train + 1.0) - math.log(train.sum() + corruptible_ids)
     return float(math.exp(-(valid * log_p).sum() / valid.sum()))
 
 
