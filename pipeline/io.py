@@ -67,6 +67,30 @@ def naming_path(path: str | os.PathLike):
         raise
 
 
+def make_parents(directory: str | os.PathLike) -> list[Path]:
+    """``mkdir -p directory``; returns the directories it created, deepest last, so that a failed write can remove
+    them again (``remove_created``) instead of leaving an empty output directory."""
+    directory = Path(directory)
+    missing = []
+    while not directory.exists() and directory.parent != directory:
+        missing.append(directory)
+        directory = directory.parent
+    for path in reversed(missing):
+        with naming_path(path):
+            path.mkdir(exist_ok=True)
+    return list(reversed(missing))
+
+
+def remove_created(directories: list[Path]) -> None:
+    """Removes the (empty) directories ``make_parents`` created, deepest first; never raises (a cleanup must not
+    hide the error that caused it)."""
+    for directory in reversed(directories):
+        try:
+            directory.rmdir()
+        except OSError:
+            pass
+
+
 def library_os_error(error: Exception, path: str | os.PathLike) -> OSError | None:
     """The OSError behind a Rust library's I/O failure (safetensors, tokenizers say "... (os error 28)"), naming
     ``path``; None if ``error`` is not one."""

@@ -368,11 +368,11 @@ def test_tokenizer_file_gets_the_umask_mode_and_disk_full_is_one_line(tmp_path, 
     os.umask(mask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~mask
     disk = mounts(tmp_path / "disk", "4k")
-    result = _cli("tokenizer", "train", "--input", str(english_text_file), "--output", str(disk / "tok.json"),
+    result = _cli("tokenizer", "train", "--input", str(english_text_file), "--output", str(disk / "new" / "tok.json"),
                   "--vocab-size", "1000")
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
-    assert result.stderr.strip().splitlines()[-1] == f"error: {disk / 'tok.json'}: no space left on device"
-    assert _everything(disk) == []
+    assert result.stderr.strip().splitlines()[-1] == f"error: {disk / 'new' / 'tok.json'}: no space left on device"
+    assert _everything(disk) == []  # nor the directory it made
 
 
 # ----------------------------------------------------------------------------- item 12: vocab.json string ids

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from pipeline.io import default_file_mode, file_sha256, library_os_error, naming_path, temporary_path
+from pipeline.io import (default_file_mode, file_sha256, library_os_error, make_parents, remove_created,
+                         temporary_path)
 from pipeline.errors import DataError, exit_on_data_error
 from pipeline.data.batch import SpecialTokens
 
@@ -97,8 +98,7 @@ def _save(tokenizer, output: str | os.PathLike) -> Path:
     output = Path(output)
     if output.is_dir() or output.suffix != ".json":
         output = output / TOKENIZER_FILE
-    with naming_path(output.parent):
-        output.parent.mkdir(parents=True, exist_ok=True)
+    created = make_parents(output.parent)
     temporary = temporary_path(output)
     try:
         try:
@@ -110,11 +110,13 @@ def _save(tokenizer, output: str | os.PathLike) -> Path:
             raise os_error from None
         os.chmod(temporary, default_file_mode())
         os.replace(temporary, output)
-    finally:
+    except BaseException:
         try:
             temporary.unlink(missing_ok=True)
         except OSError:  # a read-only directory fails this too: keep the first error
             pass
+        remove_created(created)
+        raise
     return output
 
 
