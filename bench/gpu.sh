@@ -93,12 +93,12 @@ case $mode in
     #   PATH=.venv/bin:$PATH DS_ACCELERATOR=cpu HOSTLIGHT_ARGS="--preset tiny --seq-len 32 --micro-batch 2
     #   --steps 1 --rounds 1 --warmup 1 --compile none" bash bench/gpu.sh hostlight   (fp16 rows: GPU only)
     read -r -a extra <<< "${HOSTLIGHT_ARGS:-}"
-    common=(--ranks 1 --vocab-size 50265 --compile layers --steps 5 --rounds 2 --warmup 3 "${extra[@]}")
-    hbench large_b256_bf16autocast 150 --preset large --seq-len 128 --micro-batch 256 --accumulation 1 \
+    common=(--ranks 1 --vocab-size 50265 --compile layers --steps 4 --rounds 2 --warmup 2 "${extra[@]}")
+    hbench large_b256_bf16autocast 200 --preset large --seq-len 128 --micro-batch 256 --accumulation 1 \
       --runs $all3 --paths zero2_bf16_autocast,zero0_bf16_autocast "${common[@]}"
     hbench base_b64_bf16autocast 150 --preset base --seq-len 512 --micro-batch 32 --accumulation 2 \
       --runs $all3 --paths zero2_bf16_autocast,zero0_bf16_autocast "${common[@]}"
-    hbench large_b256_fp16 110 --preset large --seq-len 128 --micro-batch 256 --accumulation 1 \
+    hbench large_b256_fp16 120 --preset large --seq-len 128 --micro-batch 256 --accumulation 1 \
       --runs $all3 --paths zero2_fp16,zero0_fp16 "${common[@]}"
     hbench large_b512_bf16autocast 100 --preset large --seq-len 128 --micro-batch 512 --accumulation 1 \
       --runs $two --paths zero2_bf16_autocast,zero0_bf16_autocast "${common[@]}"

@@ -37,6 +37,7 @@ import argparse
 import collections
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -387,12 +388,17 @@ def launch(world: int, argv: list[str], timeout: float) -> list[Row]:
         procs = [subprocess.Popen([sys.executable, "-m", "bench.host_overhead", *argv, "--worker-output",
                                    str(output)], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), cwd=REPO,
                                   stdout=logs[r], stderr=subprocess.STDOUT) for r in range(world)]
+        # A SIGTERM (bench/gpu.sh's timeout) ends the ranks too instead of leaving them running.
+        previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))
         try:
             codes = [p.wait(timeout) for p in procs]
         except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
             codes = [-9] * world
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
         if any(codes) or not output.exists():
             logs[0].seek(0)
             raise SystemExit(f"error: {world}-rank run failed (exit codes {codes}); rank 0's log ends:\n"
