@@ -302,10 +302,13 @@ def test_leftovers_of_killed_runs_are_swept(tmp_path, small_corpus, tiny_tokeniz
     older = [tmp_path / f"d_train.bin.tmp-{dead}", tmp_path / f"d.all.bin.tmp-{dead}"]  # the older per-file ones
     for path in older:
         path.write_bytes(b"\0" * 4096)
+    link_temporary = tmp_path / f".d_train.idx.tmp-{dead}"  # a symlink of a killed link_atomic
+    link_temporary.symlink_to("d.dataset/d_train.idx")
     alive = tmp_path / f"d_valid.bin.tmp-{os.getppid()}"  # a live process's file is not touched
     alive.write_bytes(b"x")
     _preprocess(prefix, small_corpus, tiny_tokenizer)
     assert not staging.exists() and not any(path.exists() for path in older) and alive.exists()
+    assert not os.path.lexists(link_temporary)
 
 
 # ------------------------------------------------------------------------------ item 10: a directory as prefix

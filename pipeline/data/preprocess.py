@@ -340,13 +340,14 @@ def _adopt_plain_files(prefix: Path) -> None:
 
 
 def _sweep_older_temporaries(prefix: Path) -> None:
-    """Removes the per-file temporaries (``NAME.tmp-PID``) that preprocess wrote before PREFIX.dataset/ existed,
-    when their process is gone (a ``kill -9`` left them, as large as the output)."""
+    """Removes the per-file temporaries of dead processes: ``NAME.tmp-PID`` (as large as the output) that preprocess
+    wrote before PREFIX.dataset/ existed, and ``.NAME.tmp-PID`` symlinks of a killed ``link_atomic``."""
     for name in [f"{prefix.name}.all.bin"] + dataset_file_names(prefix):
         for leftover in prefix.parent.glob(f"{name}.tmp-*"):
             pid = leftover.name.rsplit(".tmp-", 1)[1]
             if pid.isdigit() and not process_running(int(pid)):
                 leftover.unlink(missing_ok=True)
+        sweep_leftovers(prefix.parent / name)
 
 
 def preprocess(config: PreprocessConfig) -> dict:
