@@ -1,6 +1,7 @@
 """Data-path throughput: preprocessing MB/s per worker and DataLoader samples/s at seq_len 128 and 512.
 
     python bench/data.py [--corpus FILE ...] [--max-mb 16] [--workers 1 2] [--loader-workers 2]
+    python bench/data.py --scaling 1e7 1e8 1e9 [--ranks 1 4]     # corpus-scale rows (issue 17)
 
 The corpus defaults to ``../shared/corpus/*.txt.xz`` next to the repository (decompressed with lzma, an equal
 share of ``--max-mb`` taken from each file), else gensim's Lee background corpus. A byte-level BPE is trained on
@@ -119,6 +120,116 @@ def bench_loader(prefix: Path, seq_len: int, special, vocab_size: int, num_worke
 _children_cpu_before = [0.0]
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Corpus scale (issue 17): index build, first batch and worker memory against the number of tokens
+
+
+def _memory_kib(field: str) -> int:
+    """A /proc/self/status (VmRSS, VmHWM) or smaps_rollup (Private_Dirty, Pss) field, in KiB."""
+    for name in ("/proc/self/status", "/proc/self/smaps_rollup"):
+        with open(name) as stream:
+            for line in stream:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _worker_private_growth(packed, queue) -> None:
+    """In a forked process, as a DataLoader worker: read across an epoch boundary, report private memory growth."""
+    before = _memory_kib("Private_Dirty")
+    n = len(packed)
+    for epoch, i in ((0, n - 1), (1, 0), (1, n // 2), (1, n - 1)):
+        packed.get(epoch, i)
+    queue.put(_memory_kib("Private_Dirty") - before)
+
+
+def _scaling_rank(prefix: str, rank: int, ranks: int, barrier, results, seq_len: int) -> None:
+    import multiprocessing
+
+    from pipeline.data.batch import SpecialTokens
+    from pipeline.data.dataset import prepare_packed_sequences
+
+    special = SpecialTokens(bos=0, pad=1, eos=2, unk=3, mask=4)
+    masking = MaskingConfig(rate=0.4, strategy="80-10-10")
+    import_indexed_dataset_module()
+    rss_before = _memory_kib("VmRSS")
+    barrier.wait()  # every rank starts together
+    start = time.perf_counter()
+    packed = prepare_packed_sequences(prefix, seq_len, special, seed=1, sample_range=(0, None),
+                                      is_builder=rank == 0, barrier=barrier.wait)
+    ready = time.perf_counter() - start
+    index_peak = _memory_kib("VmHWM") - rss_before
+    start = time.perf_counter()
+    loader = build_pretraining_dataloader(Path(prefix).parent / Path(prefix).name[:-len("_train")], "train", seq_len,
+                                          masking, special, 1000, 64, dp_rank=rank, dp_size=ranks,
+                                          consumed_samples=0, num_workers=2, seed=1)
+    next(iter(loader))
+    first_batch = time.perf_counter() - start
+    del loader
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    worker = context.Process(target=_worker_private_growth, args=(packed, queue))
+    worker.start()
+    growth = queue.get(timeout=600)
+    worker.join()
+    results.put((rank, ready, index_peak, first_batch, growth, len(packed)))
+
+
+def bench_scaling(sizes: list[int], rank_counts: list[int], seq_len: int, directory: Path) -> list[tuple]:
+    """Rows (tokens, ranks, sequences, cold index build s (slowest rank), peak index MiB (largest rank), first
+    batch s, worker private growth KiB across an epoch boundary)."""
+    import multiprocessing
+
+    from pipeline.data.synthetic import write_synthetic_split
+
+    context = multiprocessing.get_context("spawn")  # fresh processes: memory is measured from a clean start
+    rows = []
+    for tokens in sizes:
+        prefix = directory / f"synthetic{tokens}"
+        start = time.perf_counter()
+        write_synthetic_split(f"{prefix}_train", tokens, seed=tokens)
+        print(f"wrote {tokens:,} synthetic tokens in {time.perf_counter() - start:.1f} s")
+        for ranks in rank_counts:
+            for stale in directory.glob(f"{prefix.name}_train.packed-*"):
+                stale.unlink()  # a cold build every time
+            barrier, results = context.Barrier(ranks), context.Queue()
+            processes = [context.Process(target=_scaling_rank,
+                                         args=(f"{prefix}_train", rank, ranks, barrier, results, seq_len))
+                         for rank in range(ranks)]
+            for process in processes:
+                process.start()
+            reports = [results.get(timeout=3600) for _ in processes]
+            for process in processes:
+                process.join()
+            rows.append((tokens, ranks, reports[0][5], max(r[1] for r in reports), max(r[2] for r in reports) / 1024,
+                         max(r[3] for r in reports), max(r[4] for r in reports)))
+        prefix_files = list(directory.glob(f"{prefix.name}_train*"))
+        for path in prefix_files:
+            path.unlink()
+    return rows
+
+
+def print_scaling(rows: list[tuple], seq_len: int, target_tokens: float = 40e9) -> None:
+    import numpy as np
+
+    print(f"\ncorpus scale at seq_len {seq_len} (synthetic megatron-core datasets, 2 DataLoader workers, "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f})")
+    print(f"{'tokens':>14} {'ranks':>5} {'sequences':>11} {'cold index s':>13} {'index peak MiB':>15} "
+          f"{'first batch s':>14} {'worker growth KiB':>18}")
+    for tokens, ranks, sequences, build, peak, first, growth in rows:
+        print(f"{tokens:>14,} {ranks:>5} {sequences:>11,} {build:>13.2f} {peak:>15.1f} {first:>14.2f} {growth:>18}")
+    single = [row for row in rows if row[1] == rows[0][1]]
+    if len(single) >= 2:
+        tokens = np.array([row[0] for row in single], dtype=float)
+        for column, name in ((3, "cold index build s"), (4, "index-building rank's peak MiB")):
+            slope, intercept = np.polyfit(tokens, np.array([row[column] for row in single]), 1)
+            print(f"linear fit to {target_tokens / 1e9:.0f}B tokens ({rows[0][1]} rank(s)): {name} "
+                  f"{slope * target_tokens + intercept:,.1f}")
+        print(f"index files on disk at {target_tokens / 1e9:.0f}B tokens: starts "
+              f"{target_tokens / (seq_len - 2) * 16 / 2**30:.1f} GiB + "
+              f"{target_tokens / (seq_len - 2) * 4 / 2**30:.1f} GiB per epoch order (shared by all ranks)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", nargs="+", type=Path, help="text files (plain or .xz/.gz/.bz2)")
@@ -132,7 +243,18 @@ def main() -> int:
                         help="skip the 1-worker preprocessing run with HF tokenizers only")
     parser.add_argument("--micro-batch-size", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=5.0, help="timed seconds per DataLoader measurement")
+    parser.add_argument("--scaling", nargs="+", metavar="TOKENS",
+                        help="corpus-scale rows instead (issue 17): synthetic datasets of these token counts, e.g. "
+                             "1e7 1e8 1e9 (2 bytes per token on disk)")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 4], help="--scaling: ranks started together")
+    parser.add_argument("--scaling-seq-len", type=int, default=128)
     args = parser.parse_args()
+    if args.scaling:
+        with tempfile.TemporaryDirectory(prefix="bench-scale-") as scratch:
+            rows = bench_scaling([int(float(size)) for size in args.scaling], args.ranks, args.scaling_seq_len,
+                                 Path(scratch))
+        print_scaling(rows, args.scaling_seq_len)
+        return 0
 
     corpus = args.corpus or default_corpus()
     with tempfile.TemporaryDirectory(prefix="bench-data-") as scratch:

@@ -103,3 +103,39 @@ def test_one_prefix_is_the_single_corpus_case(corpora, tmp_path):
     index = BlendIndex([1.0], None, build=False)
     assert index.locate(12_345_678) == (0, 12_345_678)
     assert index.source_counts(99).tolist() == [99]
+
+
+def test_training_on_a_blend_logs_per_source_counts_and_validation(tmp_path, tiny_dataset_prefix, tiny_tokenizer,
+                                                                   english_text_file):
+    """Two ranks train on 0.7 lee + 0.3 half (the first 150 Lee documents, preprocessed on their own)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from train_launch import read_metrics, run, tiny_args
+
+    from pipeline.data.preprocess import PreprocessConfig, preprocess
+
+    half_text = tmp_path / "half.txt"
+    half_text.write_text("\n".join(english_text_file.read_text(encoding="utf-8").splitlines()[:150]) + "\n")
+    half = tmp_path / "data" / "half"
+    preprocess(PreprocessConfig(inputs=[half_text], tokenizer=tiny_tokenizer, output_prefix=half,
+                                one_doc_per_line=True, valid_fraction=0.05, workers=1, show_progress=False))
+    run_dir = tmp_path / "run"
+    args = tiny_args(f"0.7 {tiny_dataset_prefix} 0.3 {half}", str(tiny_tokenizer), run_dir, train_steps=4,
+                     eval_interval=2, index_dir=str(tmp_path / "indices"))
+    run(args, tmp_path / "logs", nproc=2, timeout=900)
+    train = read_metrics(run_dir)
+    assert [record["step"] for record in train] == [1, 2, 3, 4]
+    for record in train:
+        assert record["samples_lee"] + record["samples_half"] == record["consumed_samples"]
+        assert abs(record["samples_lee"] - 0.7 * record["consumed_samples"]) <= 1
+    evals = read_metrics(run_dir, "eval")
+    assert [record["step"] for record in evals] == [0, 2, 4]
+    for record in evals:
+        assert record["loss"] == pytest.approx(0.7 * record["loss_lee"] + 0.3 * record["loss_half"])
+        assert record["loss_lee"] != record["loss_half"]
+        assert record["ppl_masked"] > 1.0  # per corruption kind, blended by the same weights
+    indices = sorted(path.name for path in (tmp_path / "indices").iterdir())
+    assert len([name for name in indices if name.startswith("blend-")]) == 1
+    assert not [name for name in indices if ".tmp-" in name]

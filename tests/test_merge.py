@@ -1,7 +1,6 @@
 """Sharded preprocessing (``preprocess --shard I/N``) and ``merge``: the merged dataset holds exactly the documents
 of one run over the same inputs, with the valid fraction kept; shards of different tokenizers are refused."""
 
-import json
 import subprocess
 import sys
 from collections import Counter

@@ -33,7 +33,10 @@ BLEND_PERIOD = 1 << 20  # samples after which the blend pattern repeats (16 MB o
 def parse_data_prefix(values: str | Sequence[str]) -> list[tuple[float, str]]:
     """``["P"]`` -> ``[(1.0, "P")]``; ``["0.5", "A", "0.3", "B", ...]`` -> normalised ``(weight, prefix)`` pairs.
     DataError (one line) for an odd list, a weight that is not a positive finite number, or a repeated prefix."""
-    values = values.split() if isinstance(values, str) else list(values)
+    given = [values] if isinstance(values, str) else [str(value) for value in values]
+    values = " ".join(given).split()  # the trainer stores a blend as one space-separated string
+    if len(given) == 1 and not _is_number(values[0] if values else ""):
+        return [(1.0, given[0])]  # one prefix (which may hold spaces)
     if len(values) == 1:
         return [(1.0, values[0])]
     if not values or len(values) % 2:
@@ -55,6 +58,14 @@ def parse_data_prefix(values: str | Sequence[str]) -> list[tuple[float, str]]:
         raise DataError(f"--data-prefix: a prefix is given twice ({' '.join(prefixes)})")
     total = sum(weight for weight, _ in pairs)
     return [(weight / total, prefix) for weight, prefix in pairs]
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def source_name(prefix: str) -> str:

@@ -104,6 +104,8 @@ def _file_identity(path: Path) -> str:
 def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
     """``np.save`` under a temporary name renamed into place: readers see the whole file or none."""
     temporary = temporary_path(path)
+    with naming_path(path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)  # an --index-dir made on first use
     try:
         with naming_path(path), open(temporary, "wb") as stream:
             np.save(stream, array)

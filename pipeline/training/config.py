@@ -120,7 +120,17 @@ class RuntimeConfig:
     resuming (``RESUMABLE_CHANGES`` in ``pipeline.training.checkpoint``)."""
 
     data_prefix: str = field(default="", metadata=_help(
-        "Prefix P written by pipeline.data.preprocess (P_train.*, P_valid.*, P.meta.json).", required=True,
+        "Prefix P written by pipeline.data.preprocess (P_train.*, P_valid.*, P.meta.json), or a weighted blend "
+        "WEIGHT P WEIGHT P ... (megatron-core's convention, e.g. 0.5 wiki 0.3 books 0.2 web; pipeline.data.blend): "
+        "stored as one space-separated string.", required=True, nargs="+", group="data"))
+    index_builder: str = field(default="node", metadata=_help(
+        "Which rank builds the packing/shuffle/blend indices (memory-mapped .npy files next to the data, or in "
+        "--index-dir) while the others wait at a barrier: 'node' = local rank 0 of every node (works whether the "
+        "data sits on node-local disks or a shared filesystem, where the nodes write identical files atomically); "
+        "'global' = rank 0 only (one build in all; only when every node sees the same files).",
+        choices=("node", "global"), group="data"))
+    index_dir: str | None = field(default=None, metadata=_help(
+        "Directory for the data indices (default: next to the data; give one when that is read-only).",
         group="data"))
     tokenizer: str | None = field(default=None, metadata=_help(
         "tokenizer.json (or its directory); checked against the dataset's meta.json.", group="data"))
@@ -172,6 +182,8 @@ class RuntimeConfig:
             raise ConfigError("--stop-at-step must be >= 1")
         if self.peak_tflops is not None and not self.peak_tflops > 0:
             raise ConfigError("--peak-tflops must be > 0")
+        if self.index_builder not in ("node", "global"):
+            raise ConfigError(f"--index-builder must be 'node' or 'global', got {self.index_builder!r}")
 
 
 @dataclass
@@ -565,7 +577,8 @@ def resolve_config(args: argparse.Namespace, world_size: int, dataset_meta: dict
                           f"(megatron-core's tensor-parallel layers restore autocast in backward only there); on "
                           f"{accelerator_name} use a *_bf16.json config")
 
-    runtime = RuntimeConfig(**dict(_values(args, RuntimeConfig), data_prefix=str(args.data_prefix),
+    data_prefix = args.data_prefix if isinstance(args.data_prefix, str) else " ".join(map(str, args.data_prefix))
+    runtime = RuntimeConfig(**dict(_values(args, RuntimeConfig), data_prefix=data_prefix,
                                    deepspeed_config=str(ds_path)))
     return ResolvedConfig(model=model_config, masking=masking, training=training, parallel=parallel,
                           runtime=runtime, deepspeed=ds_config, recipe=recipe.get("_path"),

@@ -166,22 +166,40 @@ class Trainer:
             return torch.random.fork_rng(devices=[])
         return torch.random.fork_rng(devices=[self.device.index], device_type=self.device.type)
 
-    def _build_loader(self, split: str, consumed: int, total: int | None):
+    def _build_loader(self, split: str, consumed: int, total: int | None, source: str | None = None):
+        """The loader of ``split``: the data prefix's corpus, a blend of corpora (train), or one ``source`` of
+        a blend (validation is reported per source). Indices are built by one rank per node or per job
+        (--index-builder) while the others wait at a barrier."""
+        import torch.distributed as dist
+
         from pipeline.data.batch import SpecialTokens
+        from pipeline.data.blend import build_blended_dataloader, parse_data_prefix
         from pipeline.data.dataset import build_pretraining_dataloader
 
         cfg = self.config
         special = SpecialTokens(**cfg.dataset_meta["special_tokens"])
+        sources = parse_data_prefix(cfg.runtime.data_prefix)
+        is_builder = self.rank == 0 if cfg.runtime.index_builder == "global" else self.launch.local_rank == 0
+        shared = dict(is_index_builder=is_builder, barrier=lambda: dist.barrier(group=self.control_group),
+                      index_dir=cfg.runtime.index_dir)
         with self._fork_rng():
-            loader = build_pretraining_dataloader(
-                cfg.runtime.data_prefix, split, cfg.training.seq_len, cfg.masking, special,
-                cfg.model.vocab_size, cfg.training.micro_batch_size, self.dp_rank, cfg.data_parallel_size,
-                consumed, cfg.runtime.num_workers, cfg.training.seed, total_samples=total)
+            if len(sources) > 1 and source is None:
+                loader = build_blended_dataloader(
+                    sources, split, cfg.training.seq_len, cfg.masking, special, cfg.model.vocab_size,
+                    cfg.training.micro_batch_size, self.dp_rank, cfg.data_parallel_size, consumed,
+                    cfg.runtime.num_workers, cfg.training.seed, total, **shared)
+            else:
+                loader = build_pretraining_dataloader(
+                    source or sources[0][1], split, cfg.training.seq_len, cfg.masking, special,
+                    cfg.model.vocab_size, cfg.training.micro_batch_size, self.dp_rank, cfg.data_parallel_size,
+                    consumed, cfg.runtime.num_workers, cfg.training.seed, total_samples=total, **shared)
         if cfg.runtime.num_workers > 0:
             loader.worker_init_fn = ignore_stop_signals_in_worker(loader.worker_init_fn)
         return loader
 
     def _build_data(self):
+        from pipeline.data.blend import parse_data_prefix, source_name
+
         cfg = self.config
         total = cfg.training.train_steps * cfg.training.global_batch_size
         self.train_loader = self._build_loader("train", self.consumed_samples, max(total, self.consumed_samples))
@@ -191,7 +209,13 @@ class Trainer:
         self.valid_loader = None
         if cfg.runtime.eval_interval > 0:
             eval_samples = cfg.runtime.eval_iters * cfg.training.micro_batch_size * cfg.data_parallel_size
-            self.valid_loader = self._build_loader("valid", 0, eval_samples)
+            sources = parse_data_prefix(cfg.runtime.data_prefix)
+            if len(sources) == 1:
+                self.valid_loader = self._build_loader("valid", 0, eval_samples)
+            else:  # one loader per source: validation is reported per source and blended by the weights
+                self.valid_loader = {source_name(prefix): self._build_loader("valid", 0, eval_samples, prefix)
+                                     for _, prefix in sources}
+                self.valid_weights = {source_name(prefix): weight for weight, prefix in sources}
 
     # --- logging ---------------------------------------------------------------------------------------
     def _open_logs(self):
@@ -264,12 +288,33 @@ class Trainer:
 
     # --- evaluation ------------------------------------------------------------------------------------
     def evaluate(self) -> dict:
+        if not isinstance(self.valid_loader, dict):
+            return self._evaluate_loader(self.valid_loader)
+        # A blend: every source's record, and the blended loss = the weights' mean of the sources' losses.
+        records = {name: self._evaluate_loader(loader) for name, loader in self.valid_loader.items()}
+        loss = sum(self.valid_weights[name] * record["loss"] for name, record in records.items())
+        blended = {"kind": "eval", "step": self.step, "loss": loss, "ppl": safe_exp(loss)}
+        for label in KIND_LABELS:  # per corruption kind, blended the same way where every source has it
+            losses = [record[f"loss_{label}"] for record in records.values()]
+            if all(value is not None for value in losses):
+                kind_loss = sum(self.valid_weights[name] * value for name, value in zip(records, losses))
+                blended[f"loss_{label}"], blended[f"ppl_{label}"] = kind_loss, safe_exp(kind_loss)
+        for name, record in records.items():
+            blended[f"loss_{name}"] = record["loss"]
+            blended[f"ppl_{name}"] = record["ppl"]
+            log.info(f"validation step {self.step} source {name} (weight {self.valid_weights[name]:.3g}): "
+                     f"loss={record['loss']:.4f} ppl={record['ppl']:.2f}")
+        counts = self.train_loader.dataset.source_counts(self.consumed_samples)
+        log.info("samples per source so far: " + ", ".join(f"{name} {count}" for name, count in counts.items()))
+        return blended
+
+    def _evaluate_loader(self, loader) -> dict:
         import torch
 
         sums = torch.zeros(6, dtype=torch.float64, device=self.device)
         self.engine.eval()
         with self._fork_rng(), torch.no_grad():
-            for batch in self.valid_loader:
+            for batch in loader:
                 if self.device.type != "cpu":
                     batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
                 output = self.engine(batch)
@@ -417,6 +462,9 @@ class Trainer:
         record["tflops_per_device"] = tflops
         record["mfu"] = tflops / cfg.runtime.peak_tflops if (tflops and cfg.runtime.peak_tflops) else None
         record["consumed_samples"] = self.consumed_samples
+        source_counts = getattr(self.train_loader.dataset, "source_counts", None)
+        if source_counts is not None:  # a blend: how many samples each corpus gave so far
+            record.update({f"samples_{name}": count for name, count in source_counts(self.consumed_samples).items()})
         record["skipped_steps"] = int(getattr(self.engine, "skipped_steps", 0))
         record["time"] = time.time()
         return record
@@ -441,8 +489,16 @@ def configure(argv: Sequence[str] | None = None) -> ResolvedConfig:
 
     args = build_parser().parse_args(argv)
     world_size = discover_launch().world_size
-    meta = (check_meta_matches_tokenizer(args.data_prefix, args.tokenizer) if args.tokenizer
-            else load_meta(args.data_prefix))
+    from pipeline.data.blend import parse_data_prefix
+
+    sources = parse_data_prefix(args.data_prefix)
+    metas = [check_meta_matches_tokenizer(prefix, args.tokenizer) if args.tokenizer else load_meta(prefix)
+             for _, prefix in sources]
+    meta = metas[0]
+    if len(sources) > 1:  # the blend is part of the data a checkpoint was trained on
+        meta = dict(meta, blend=[{"weight": weight, "prefix": prefix, "documents": source["documents"],
+                                  "tokens": source["tokens"], "tokenizer_sha256": source["tokenizer"]["sha256"]}
+                                 for (weight, prefix), source in zip(sources, metas)])
     accelerator = get_accelerator()
     return resolve_config(args, world_size, meta, accelerator.device_name(), accelerator.is_fp16_supported(),
                           accelerator.is_bf16_supported())
