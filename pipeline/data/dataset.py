@@ -5,8 +5,10 @@ one token stream in which documents are joined by ``</s>``; the stream is cut in
 ``seq_len - 2`` tokens and every chunk becomes ``<s> chunk </s>`` — exactly ``seq_len`` tokens, a long document
 spilling over several sequences, the last (partial) sequence padded with ``<pad>``. Every token of the split
 lands in exactly one sequence per epoch. The start (indexed-dataset sequence, token offset) of every chunk is
-computed once with numpy and cached next to the data; each epoch visits the sequences in an order shuffled by
-``(seed, epoch)``.
+computed once with numpy; each epoch visits the sequences in an order shuffled by ``(seed, epoch)``. Both are
+``.npy`` files next to the data (or in ``index_dir``) that one process builds (``prepare_packed_sequences``: one
+per node or per job, the others wait at a barrier) and every rank and DataLoader worker memory-maps read-only:
+no process holds or allocates anything that grows with the corpus (issue 17).
 
 ``MaskedPretrainingDataset`` maps a *global* sample index ``g`` (counting across epochs) to a masked sample, so
 the masking (``pipeline.data.masking.Masker``) runs in DataLoader workers and depends only on ``g``.
