@@ -26,6 +26,7 @@ import bisect
 import collections
 import hashlib
 import os
+import socket
 import struct
 import sys
 from pathlib import Path
@@ -105,7 +106,9 @@ def _file_identity(path: Path) -> str:
 
 def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
     """``np.save`` under a temporary name renamed into place: readers see the whole file or none."""
+    # The host in the name too: node leaders on a shared filesystem may share a process id.
     temporary = temporary_path(path)
+    temporary = temporary.with_name(f"{temporary.name}-{socket.gethostname()}")
     with naming_path(path.parent):
         path.parent.mkdir(parents=True, exist_ok=True)  # an --index-dir made on first use
     try:
