@@ -23,7 +23,13 @@ the ratios compare like with like on a busy machine. ``--ranks 1,2`` runs the wh
 
 CPU (the README table)::
 
-    python -m bench.host_overhead --ranks 1,2 --json host_overhead.json
+    python -m bench.host_overhead --ranks 1,2 --steps 3 --rounds 5 --json host_overhead.json \
+        --paths zero2_fp32,zero0_fp32,zero2_bf16_autocast,zero0_bf16_autocast,zero2_bf16,zero0_bf16
+
+GPU (``bash bench/gpu.sh hostlight``): the same with ``--preset large|base``, the paper's batch shapes and
+``--compile layers``; it adds GPU-busy ms (profiler), MFU and the measured/predicted speedups. ``--compile
+model`` compiles the whole forward instead (DeepSpeed's ``engine.compile()``); a ``*_deepcompile`` path runs
+DeepCompile (CUDA only).
 
 CI (small depth, counts asserted in tests/test_host_overhead.py)::
 
