@@ -49,12 +49,16 @@ sys.path.insert(0, str(REPOSITORY))
 
 from model.config import ModelConfig  # noqa: E402
 from pipeline.errors import ConfigError, DataError, PipelineError, run_cli  # noqa: E402
+from pipeline.io import write_text_atomic  # noqa: E402
 
 # (name, architecture, masking rate): the paper's comparison (Table 1/2: 3MLself-50% against RoBERTa's 15%,
 # and MLM at 50% to separate "mask more" from "mask later").
 MODELS = (("MLM-15%", "mlm", 0.15), ("3MLself-50%", "3ml-self", 0.5), ("3MLcross-50%", "3ml-cross", 0.5),
           ("MLM-50%", "mlm", 0.5))
 BUDGET_MODEL = "MLM-15%"
+# The downstream tasks: the fine-tuning CLI's custom-task options for each.
+TASKS = {"sentiment-sign": {"regression": False, "metrics": "acc"},
+         "sentiment-score": {"regression": True, "metrics": "pearson,spearman"}}
 PROSE_FILES = ("linuxdoc_prose.txt.xz", "pydoc_prose.txt.xz", "tdavid.txt.xz")
 MIN_SIGN_SCORE = 1.0
 FLOPS_TOLERANCE = 0.02
@@ -92,6 +96,8 @@ class Preset:
     finetune_max_length: int
     device: str
     """Fine-tuning device."""
+    tasks: tuple[str, ...] = ("sentiment-sign", "sentiment-score")
+    """Downstream tasks fine-tuned (``TASKS``)."""
 
     def __post_init__(self):
         for name in ("vocab_size", "corpus_bytes", "seq_len", "batch", "budget_steps", "ranks", "evals",
@@ -100,6 +106,8 @@ class Preset:
                 raise ConfigError(f"preset field {name} must be >= 1, got {getattr(self, name)}")
         if self.batch % self.ranks:
             raise ConfigError(f"preset batch {self.batch} is not a multiple of ranks {self.ranks}")
+        if not self.tasks or set(self.tasks) - set(TASKS):
+            raise ConfigError(f"preset tasks {self.tasks} must be a non-empty subset of {tuple(TASKS)}")
         if not 0 < self.lr < 1 or not 0 < self.finetune_lr < 1 or not 0 <= self.warmup < 1:
             raise ConfigError("preset learning rates must be in (0, 1) and warmup in [0, 1)")
 
@@ -108,14 +116,15 @@ SMALL_MODEL = {"num_layers": 4, "hidden_size": 128, "ffn_size": 512, "num_heads"
                "decoder_hidden_size": 64, "decoder_ffn_size": 256, "decoder_num_heads": 2, "max_positions": 128,
                "pre_ln": True}
 PRESETS = {
-    # CI: every stage runs, nothing is expected to be learned.
+    # CI: every stage runs for every model, nothing is expected to be learned; one task (each fine-tuning is
+    # a process start with transformers' import).
     "tiny": Preset(model={"num_layers": 2, "hidden_size": 64, "ffn_size": 128, "num_heads": 2,
                           "decoder_num_layers": 1, "decoder_hidden_size": 32, "decoder_ffn_size": 64,
                           "decoder_num_heads": 2, "max_positions": 64, "pre_ln": True},
                    vocab_size=500, corpus_bytes=400_000, seq_len=64, batch=8, budget_steps=60, lr=2e-3, warmup=0.1,
                    ranks=1, deepspeed_config="zero2_fp32.json", evals=2, eval_iters=2, finetune_lr=1e-3,
                    finetune_batch=16, finetune_epochs=1, finetune_seeds=2, finetune_max_train=200,
-                   finetune_max_length=32, device="cpu"),
+                   finetune_max_length=32, device="cpu", tasks=("sentiment-sign",)),
     # 2 CPU cores, ~25 minutes when idle: the demo's model shape on 6 MB of prose.
     "cpu": Preset(model=SMALL_MODEL, vocab_size=4000, corpus_bytes=6_000_000, seq_len=128, batch=32,
                   budget_steps=600, lr=2e-3, warmup=0.06, ranks=2, deepspeed_config="zero2_fp32.json", evals=6,
@@ -167,8 +176,7 @@ def write_tasks(labeled_dir: Path, out: Path, seed: int = 0, dev_fraction: float
     random.Random(seed).shuffle(examples)
     n_dev = max(1, int(len(examples) * dev_fraction))
     splits = {"dev": examples[:n_dev], "train": examples[n_dev:]}
-    tasks = {"sentiment-sign": {"regression": False, "metrics": "acc"},
-             "sentiment-score": {"regression": True, "metrics": "pearson,spearman"}}
+    tasks = {name: dict(options) for name, options in TASKS.items()}
     out.mkdir(parents=True, exist_ok=True)
     for name, task in tasks.items():
         for split, rows in splits.items():
@@ -178,7 +186,11 @@ def write_tasks(labeled_dir: Path, out: Path, seed: int = 0, dev_fraction: float
                 records = [{"text": text, "label": int(score > 0)} for score, text in rows
                            if abs(score) >= MIN_SIGN_SCORE]
             path = out / f"{name}_{split}.jsonl"
-            path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+            text = "".join(json.dumps(r) + "\n" for r in records)
+            # Atomic, and left alone when unchanged: a second invocation (--models) may run beside a first one
+            # whose fine-tuning reads these files.
+            if not path.is_file() or path.read_text(encoding="utf-8") != text:
+                write_text_atomic(path, text)
             task[split] = str(path)
             task[f"{split}_examples"] = len(records)
     return tasks
@@ -347,7 +359,7 @@ def markdown(result: dict) -> str:
     lines = [f"Preset `{result['preset']}`, {result['date']}: pre-training FLOPs {result['budget_flops']:.3g} "
              f"per model (paper Appendix D), fine-tuning median (min-max) over {result['finetune_seeds']} seeds; "
              f"unigram perplexity {result['unigram_perplexity']:.0f}.", "",
-             "| model | steps | pre-train FLOPs | masked ppl | " + " | ".join(tasks) + " |",
+             "| model | steps | pre-train FLOPs | masked ppl (at step) | " + " | ".join(tasks) + " |",
              "|---|---:|---:|---:|" + "---:|" * len(tasks)]
     for run in result["runs"]:
         cells = []
@@ -356,7 +368,7 @@ def markdown(result: dict) -> str:
             seeds = score["seed_scores"]
             cells.append(f"{score['score']:.1f} ({min(seeds):.1f}-{max(seeds):.1f})" if seeds else "-")
         curve = run["curve"]
-        masked = f"{curve[-1]['ppl_masked']:.0f}" if curve and curve[-1]["ppl_masked"] else "-"
+        masked = f"{curve[-1]['ppl_masked']:.0f} ({curve[-1]['step']})" if curve and curve[-1]["ppl_masked"] else "-"
         lines.append(f"| {run['name']} | {run['steps']} | {run['flops']:.3g} | {masked} | " + " | ".join(cells)
                      + " |")
     return "\n".join(lines) + "\n"
@@ -406,12 +418,13 @@ def compare(preset_name: str, corpus: Sequence[Path], labeled_dir: Path, work: P
     preset = PRESETS[preset_name]
     started, load_start = time.time(), os.getloadavg()
     work.mkdir(parents=True, exist_ok=True)
-    settings = {"preset": dataclasses.asdict(preset), "corpus": [str(p) for p in corpus], "seed": seed}
+    settings = json.loads(json.dumps({"preset": dataclasses.asdict(preset), "corpus": [str(p) for p in corpus],
+                                      "seed": seed}))  # as it reads back from settings.json
     settings_file = work / "settings.json"
     if settings_file.is_file() and json.loads(settings_file.read_text()) != settings:
         raise CompareError(f"{work}: holds a comparison with other settings ({settings_file}); use another "
                            "--work-dir or delete it")
-    settings_file.write_text(json.dumps(settings, indent=1))
+    write_text_atomic(settings_file, json.dumps(settings, indent=1))
 
     print(f"== data ({preset_name})", flush=True)
     prefix, tokenizer = work / "data" / "corpus", work / "tokenizer" / "tokenizer.json"
@@ -425,7 +438,7 @@ def compare(preset_name: str, corpus: Sequence[Path], labeled_dir: Path, work: P
     meta = json.loads(Path(f"{prefix}.meta.json").read_text())
     vocab_size = meta["tokenizer"]["vocab_size"]
     unigram = unigram_perplexity(prefix)
-    tasks = write_tasks(labeled_dir, work / "tasks")
+    tasks = {name: task for name, task in write_tasks(labeled_dir, work / "tasks").items() if name in preset.tasks}
     print(f"tokens: train {meta['splits']['train']['tokens']:,}, valid {meta['splits']['valid']['tokens']:,}; "
           f"unigram perplexity {unigram:.1f}; tasks " + ", ".join(
               f"{name} {t['train_examples']}/{t['dev_examples']}" for name, t in tasks.items()), flush=True)
@@ -475,8 +488,8 @@ def compare(preset_name: str, corpus: Sequence[Path], labeled_dir: Path, work: P
     }
     results_dir.mkdir(parents=True, exist_ok=True)
     stem = results_dir / f"compare_{preset_name}"
-    Path(f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
-    Path(f"{stem}.md").write_text(markdown(result))
+    write_text_atomic(f"{stem}.json", json.dumps(result, indent=1) + "\n")
+    write_text_atomic(f"{stem}.md", markdown(result))
     plot(result, Path(f"{stem}.png"))
     print("\n" + markdown(result))
     print(f"FLOPs agree within {100 * result['flops_max_deviation']:.2f}%; {result['seconds']:.0f} s; "
