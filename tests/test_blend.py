@@ -83,6 +83,7 @@ def test_same_samples_on_one_and_two_ranks_and_after_a_resume(corpora):
     (["0.5", "wiki", "books"], "expected one prefix or pairs WEIGHT PREFIX"),
     (["half", "wiki", "0.5", "books"], r"'half' \(before wiki\) is not a weight"),
     (["0.5", "wiki", "0.5", "wiki"], "a prefix is given twice"),
+    (["0.5", "a/wiki", "0.5", "b/wiki"], "two sources share the name"),
 ])
 def test_bad_weights_are_one_line_errors(values, message):
     with pytest.raises(DataError, match=message) as caught:

@@ -56,6 +56,10 @@ def parse_data_prefix(values: str | Sequence[str]) -> list[tuple[float, str]]:
     prefixes = [prefix for _, prefix in pairs]
     if len(set(prefixes)) != len(prefixes):
         raise DataError(f"--data-prefix: a prefix is given twice ({' '.join(prefixes)})")
+    names = [source_name(prefix) for prefix in prefixes]
+    if len(set(names)) != len(names):  # logs and metrics name the sources by it
+        raise DataError(f"--data-prefix: two sources share the name (last path component) of their prefix "
+                        f"({' '.join(prefixes)}); rename one")
     total = sum(weight for weight, _ in pairs)
     return [(weight / total, prefix) for weight, prefix in pairs]
 
