@@ -387,6 +387,8 @@ def plot(result: dict, output: Path) -> None:
         color = colors[index % len(colors)]
         for ax, task in zip(axes, tasks):
             score = run["finetune"][task]
+            if not score["seed_scores"]:  # not fine-tuned yet (a --report-only table)
+                continue
             ax.scatter([run["flops"]] * len(score["seed_scores"]), score["seed_scores"], color=color, alpha=0.4, s=18)
             ax.scatter([run["flops"]], [score["score"]], color=color, marker="D", s=50, label=run["name"])
         curve = [p for p in run["curve"] if p["ppl_masked"] is not None]
@@ -410,7 +412,9 @@ def plot(result: dict, output: Path) -> None:
 # ------------------------------------------------------------------------------------------------ main
 
 def compare(preset_name: str, corpus: Sequence[Path], labeled_dir: Path, work: Path, results_dir: Path,
-            seed: int = 1234, models: Sequence[str] | None = None) -> dict:
+            seed: int = 1234, models: Sequence[str] | None = None, report_only: bool = False) -> dict:
+    """Runs the comparison (every stage whose outputs are not complete) and writes the table and plot. With
+    ``report_only``, nothing new is trained or fine-tuned: the table holds what is finished (a partial result)."""
     from pipeline.data.preprocess import PreprocessConfig, preprocess
     from pipeline.data.tokenizer import TrainConfig, train_tokenizer
     from pipeline.evaluation.report import unigram_perplexity
@@ -459,6 +463,9 @@ def compare(preset_name: str, corpus: Sequence[Path], labeled_dir: Path, work: P
         print(f"\n== {name}", flush=True)
         t = time.time()
         run_dir, export_dir = work / "runs" / key, work / "exports" / key
+        if report_only and finished_step(run_dir) != plan["steps"]:
+            print(f"  not pre-trained yet (--report-only): left out", flush=True)
+            continue
         pretrain(preset, plan, prefix, tokenizer, run_dir, seed)
         # The FLOPs of the model as it was trained (its resolved config), not as planned.
         from pipeline.training.flops import training_flops
@@ -468,14 +475,23 @@ def compare(preset_name: str, corpus: Sequence[Path], labeled_dir: Path, work: P
                                                        preset.seq_len, trained["masking"]["rate"])
         pretrain_s = time.time() - t
         export(run_dir, export_dir)
-        scores = {task_name: finetune(preset, export_dir, task_name, task, work / "finetune" / key / task_name, name)
-                  for task_name, task in tasks.items()}
+        scores = {}
+        for task_name, task in tasks.items():
+            out = work / "finetune" / key / task_name
+            if report_only and not (out / "results.json").is_file():
+                print(f"  {task_name}: not fine-tuned yet (--report-only)", flush=True)
+                scores[task_name] = {"score": None, "seed_scores": [], "metrics": {}, "spread": None}
+                continue
+            scores[task_name] = finetune(preset, export_dir, task_name, task, out, name)
         runs.append({**plan, "flops": trained_flops, "curve": validation_curve(run_dir, plan["flops_per_step"]),
                      "finetune": scores, "pretrain_seconds": round(pretrain_s, 1),
                      "seconds": round(time.time() - t, 1)})
         print(f"{name}: " + "; ".join(f"{task} {s['score']:.1f} (seeds {', '.join(f'{x:.1f}' for x in s['seed_scores'])})"
-                                     for task, s in scores.items()) + f"; {time.time() - t:.0f} s", flush=True)
+                                     for task, s in scores.items() if s["seed_scores"]) + f"; {time.time() - t:.0f} s",
+              flush=True)
 
+    if not runs:
+        raise CompareError(f"{work}: no model is pre-trained yet (--report-only)")
     budget = runs[0]["flops"] if runs and runs[0]["name"] == BUDGET_MODEL else plans[0]["flops"]
     result = {
         "preset": preset_name, "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
@@ -513,6 +529,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--results-dir", type=Path, default=REPOSITORY / "bench" / "results")
     parser.add_argument("--models", help="comma-separated subset of " + ", ".join(name for name, _, _ in MODELS))
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--report-only", action="store_true",
+                        help="train and fine-tune nothing new: write the table and plot of what is finished")
     args = parser.parse_args(argv)
     corpus = args.corpus or [REPOSITORY.parent / "shared" / "corpus" / name for name in PROSE_FILES]
     for path in corpus:
@@ -522,7 +540,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"{args.labeled_dir}: labeled-data directory not found (pass --labeled-dir)")
     work = args.work_dir or REPOSITORY / "compare_out" / args.preset
     models = [m.strip() for m in args.models.split(",")] if args.models else None
-    compare(args.preset, corpus, args.labeled_dir, work, args.results_dir, args.seed, models)
+    compare(args.preset, corpus, args.labeled_dir, work, args.results_dir, args.seed, models, args.report_only)
     return 0
 
 
