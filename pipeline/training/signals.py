@@ -28,6 +28,14 @@ class StopSignal:
         self.received = signum
 
 
+def ignore_late_preemption_warning() -> None:
+    """Once the run has ended: a SIGUSR1 (Slurm's pre-emption warning, e.g. 300 s before the time limit) has
+    nothing left to save. Ignored rather than handled because CPython puts SIG_DFL back for Python handlers while
+    the interpreter shuts down, and a warning landing in a slow shutdown (torch, DeepSpeed, gloo teardown)
+    would kill the finished rank (exit 138) and fail its job."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 def ignore_stop_signals_in_worker(worker_init_fn):
     """DataLoader workers must survive a SIGTERM sent to the whole process group: the main process decides
     when to stop (after saving) and shuts its workers down itself."""

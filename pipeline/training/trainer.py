@@ -24,7 +24,8 @@ from pipeline.errors import ConfigError, PipelineError
 from pipeline.training.config import ResolvedConfig, build_parser, resolve_config
 from pipeline.training.metrics import KIND_LABELS, MetricsSink, log, safe_exp, setup_logging
 from pipeline.training.signals import (PAUSE_AFTER_STEP_ENV, PAUSE_IN_SAVE_ENV, StopSignal,
-                                       ignore_stop_signals_in_worker, pause_seconds)
+                                       ignore_late_preemption_warning, ignore_stop_signals_in_worker,
+                                       pause_seconds)
 
 STOPPED_BY_SIGNAL_FILE = "stopped_by_signal"
 CONFIG_FILE = "config.json"
@@ -516,3 +517,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         if trainer is not None and not trainer.is_rank0:
             return 1  # rank 0 reports it
         raise
+    finally:
+        ignore_late_preemption_warning()
