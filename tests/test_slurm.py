@@ -43,7 +43,9 @@ def _job_env(run_dir: Path, dataset_prefix: str, tokenizer: Path, extra: dict | 
     """What a user exports for the scaled-down run: 1 node x 2 CPU tasks, the tiny preset, fp32 ZeRO-2."""
     env = {
         "NODES": "1", "GPUS_PER_NODE": "0", "TASKS_PER_NODE": "2", "CPUS_PER_TASK": "1", "MEM_PER_CPU": "0",
-        "TIME_LIMIT": "00:10:00", "JOB_NAME": "t3ml",
+        # An hour: the template's USR1 warning comes 300 s before the limit, and a run on a loaded machine can
+        # take longer than 5 minutes.
+        "TIME_LIMIT": "01:00:00", "JOB_NAME": "t3ml",
         "DS_ACCELERATOR": "cpu", "DS_CONFIG": "zero2_fp32.json", "OMP_NUM_THREADS": "1",
         "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO),
         "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")),
@@ -156,6 +158,6 @@ def test_slurm_chain_submits_afterany_links(cluster, tmp_path, tiny_dataset_pref
             assert cluster.job_field(job_id, "Dependency").startswith(f"afterany:{previous}"), job_id
         for job_id in job_ids:
             assert cluster.job_field(job_id, "Requeue") == "1"  # --requeue from the batch script's header
-            assert cluster.job_field(job_id, "TimeLimit") == "00:10:00"  # TIME_LIMIT reached sbatch
+            assert cluster.job_field(job_id, "TimeLimit") == "01:00:00"  # TIME_LIMIT reached sbatch
     finally:
         cluster.run("scancel", *job_ids, check=False)

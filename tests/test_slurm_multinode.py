@@ -52,10 +52,7 @@ def _env(run_dir: Path, dataset_prefix: str, tokenizer: Path, nodes: int = NODES
          extra: dict | None = None) -> dict:
     """The user's overrides for a tiny run of TRAIN_STEPS steps, global batch 8 (micro-batch 2 per rank). No
     dropout: its masks come from per-rank RNG streams, so they differ between layouts of different world sizes."""
-    # An hour's limit: the template's own pre-emption warning (USR1 300 s before the limit) must not reach these
-    # runs, which take minutes each when four ranks share two loaded cores.
-    env = _job_env(run_dir, dataset_prefix, tokenizer, {"NODES": str(nodes), "TASKS_PER_NODE": str(tasks_per_node),
-                                                        "TIME_LIMIT": "01:00:00"})
+    env = _job_env(run_dir, dataset_prefix, tokenizer, {"NODES": str(nodes), "TASKS_PER_NODE": str(tasks_per_node)})
     env["TRAIN_ARGS"] = (f"--model-preset tiny --model-set hidden_dropout=0 --model-set attention_dropout=0 "
                          f"--seq-len 32 --global-batch-size 8 --micro-batch-size 2 "
                          f"--train-steps {TRAIN_STEPS} --lr 2e-3 --log-interval 1 --save-interval 1000 "
