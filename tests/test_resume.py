@@ -158,7 +158,7 @@ def test_resume_on_other_gpus_may_change_micro_batch_and_deepspeed_buckets(tmp_p
     assert sorted(got) == list(range(1, STEPS + 1))
     assert [got[s] for s in range(1, STEPS // 2 + 1)] == [expected[s] for s in range(1, STEPS // 2 + 1)]
     for step in range(STEPS // 2 + 1, STEPS + 1):
-        assert got[step] == pytest.approx(expected[step], abs=0.1), (step, got, expected)
+        assert got[step] == pytest.approx(expected[step], abs=0.02), (step, got, expected)  # measured <= 3e-3
     config = json.loads((run_dir / "config.json").read_text())
     assert config["training"]["micro_batch_size"] == 2 and config["parallel"]["gradient_accumulation_steps"] == 2
 
