@@ -92,7 +92,7 @@ class Embeddings(torch.nn.Module):
     def __init__(self, config: ModelConfig, mp):
         super().__init__()
         self.word_embeddings = WordEmbedding(config, mp, config.hidden_size)
-        self.position_embeddings = torch.nn.Embedding(config.max_positions, config.hidden_size)
+        self.position_embeddings = PositionEmbedding(config.max_positions, config.hidden_size)
         self.layernorm = torch.nn.LayerNorm(config.hidden_size, eps=config.layernorm_eps)
         self.dropout = config.hidden_dropout
 
@@ -100,14 +100,20 @@ class Embeddings(torch.nn.Module):
         """position_ids ``[B, L]``, or None for ``0..L-1``: then the first L rows of the table, broadcast over
         the batch -- the same values as looking up an arange, in one slice instead of arange, expand and a
         lookup (and a slice's backward instead of the lookup's scatter-add)."""
-        x = self.word_embeddings(input_ids) + _position_rows(self.position_embeddings, position_ids,
-                                                             input_ids.shape[1])
+        x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids, input_ids.shape[1])
         return F.dropout(self.layernorm(x), self.dropout, self.training)
 
 
-def _position_rows(table: torch.nn.Embedding, position_ids: torch.Tensor | None, length: int) -> torch.Tensor:
-    """``table(position_ids)`` ``[B, L, d]``, or its first ``length`` rows ``[L, d]`` when position_ids is None."""
-    return table.weight[:length] if position_ids is None else table(position_ids)
+class PositionEmbedding(torch.nn.Embedding):
+    """A learned position table. ``forward(position_ids [B, L])`` looks rows up; ``forward(None, length)`` returns
+    the first ``length`` rows ``[L, d]`` (one slice instead of arange, expand and a lookup). Always called as a
+    module, never read through ``.weight`` by its owner: DeepSpeed ZeRO-3 gathers a partitioned weight only in
+    the module's own pre-forward hook."""
+
+    def forward(self, position_ids: torch.Tensor | None, length: int | None = None) -> torch.Tensor:
+        if position_ids is None:
+            return self.weight[:length]
+        return super().forward(position_ids)
 
 
 class TransformerEncoder(TransformerStack):
@@ -134,7 +140,7 @@ class Decoder(TransformerStack):
         super().__init__(config.decoder_num_layers, width, config.decoder_ffn_size, config.decoder_num_heads,
                          config, mp, cross=config.architecture == "3ml-cross")
         self.mask_embedding = torch.nn.Parameter(torch.empty(width))
-        self.position_embeddings = torch.nn.Embedding(config.max_positions, width)
+        self.position_embeddings = PositionEmbedding(config.max_positions, width)
         self.embedding_layernorm = torch.nn.LayerNorm(width, eps=config.layernorm_eps)
         self.head_transform = HeadTransform(width, config)
         self.dropout = config.hidden_dropout
@@ -142,7 +148,7 @@ class Decoder(TransformerStack):
     def embed(self, x: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
         """x ``[B, N, d_de]`` + decoder position embeddings at position_ids ``[B, N]`` (None: ``0..N-1``),
         LayerNorm, dropout."""
-        x = x + _position_rows(self.position_embeddings, position_ids, x.shape[1])
+        x = x + self.position_embeddings(position_ids, x.shape[1])
         return F.dropout(self.embedding_layernorm(x), self.dropout, self.training)
 
 
