@@ -10,7 +10,7 @@ export PYTHONPATH := $(CURDIR)
 export TOKENIZERS_PARALLELISM := false
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: venv test demo compare slurm-deps clean
+.PHONY: venv test demo compare slurm-deps ds-ops clean
 
 venv: $(STAMP)
 
@@ -31,10 +31,16 @@ slurm-deps:
 	  else echo "slurm-deps: not root or no apt-get; Slurm tests will be skipped"; fi; \
 	fi
 
-test: $(STAMP) slurm-deps
+# Build DeepSpeed's shm op once, in one process, before anything launches ranks: when several ranks start at once
+# one builds it under a lock file and the others wait on that file, so a rank killed mid-build (a test timeout)
+# would leave a lock that hangs every later start.
+ds-ops: $(STAMP)
+	$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+
+test: $(STAMP) slurm-deps ds-ops
 	$(PY) -m pytest -q tests
 
-demo: $(STAMP)
+demo: $(STAMP) ds-ops
 	$(PY) -m pipeline demo
 
 # MLM vs 3ML at equal pre-training FLOPs, pre-train -> export -> fine-tune (needs ../shared: corpus and labeled
