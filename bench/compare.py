@@ -396,7 +396,8 @@ def plot(result: dict, output: Path) -> None:
                       label=run["name"])
     for ax, task in zip(axes, tasks):
         metric = "accuracy (%)" if not result["tasks"][task]["regression"] else "(Pearson+Spearman)/2 (%)"
-        ax.set(xlabel="pre-training FLOPs", ylabel=f"dev {metric}", title=f"{task}: dots = seeds, diamond = median")
+        ax.set(xlabel="pre-training FLOPs", ylabel=f"dev {metric}", title=f"{task}: dots = seeds, diamond = median",
+               xlim=(0, 1.15 * max(run["flops"] for run in result["runs"])))  # equal budgets: one column
     axes[-1].axhline(result["unigram_perplexity"], color="black", ls="--", lw=1.2, label="unigram")
     axes[-1].set(xlabel="pre-training FLOPs", ylabel="validation perplexity of <mask> tokens", yscale="log",
                  title="pre-training validation curves")
