@@ -528,7 +528,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="directory of *_GroundTruth.txt files [default: ../shared/labeled]")
     parser.add_argument("--work-dir", type=Path, help="[default: compare_out/PRESET]")
     parser.add_argument("--results-dir", type=Path, default=REPOSITORY / "bench" / "results")
-    parser.add_argument("--models", help="comma-separated subset of " + ", ".join(name for name, _, _ in MODELS))
+    # argparse formats help strings with %: the model names' percent signs are escaped.
+    parser.add_argument("--models", help="comma-separated subset of "
+                        + ", ".join(name.replace("%", "%%") for name, _, _ in MODELS))
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--report-only", action="store_true",
                         help="train and fine-tune nothing new: write the table and plot of what is finished")
