@@ -56,6 +56,7 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from bench.throughput import parse_runs
 from model.config import ModelConfig
 from pipeline.data.batch import SpecialTokens
 from pipeline.data.masking import Masker, MaskingCollator, MaskingConfig
@@ -367,16 +368,6 @@ def _predicted_speedup(config: Config, configs: list[Config]) -> float | None:
         return None
     return speedup(config.model_config, config.rate, mlm.model_config, mlm.rate, config.seq_len,
                    config.mask_fraction)
-
-
-def parse_runs(text: str) -> list[tuple[str, float]]:
-    runs = []
-    for item in text.split(","):
-        arch, _, rate = item.partition(":")
-        if arch not in ("mlm", "3ml-self", "3ml-cross") or not rate:
-            raise SystemExit(f"error: --runs item {item!r}: expected ARCH:RATE with ARCH mlm|3ml-self|3ml-cross")
-        runs.append((arch, float(rate)))
-    return runs
 
 
 def launch(world: int, argv: list[str], timeout: float) -> list[Row]:

@@ -255,3 +255,24 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         state = self.wait_for(lambda: (s := self.job_field(job_id, "JobState")) in final and s,
                               timeout, f"job {job_id} to finish")
         return state
+
+
+def started_cluster_or_skip(root: Path, **options):
+    """Yields a started ``SlurmCluster(root, **options)`` and stops it afterwards; skips the calling tests (with
+    the reason) where Slurm is not installed, we are not root, or the daemons do not come up. The body of every
+    module's ``cluster`` fixture: ``yield from started_cluster_or_skip(tmp_path_factory.mktemp("slurm"))``."""
+    import pytest
+
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    cluster = SlurmCluster(root, **options)
+    try:
+        cluster.start()
+    except (RuntimeError, subprocess.SubprocessError, OSError) as error:
+        cluster.stop()
+        pytest.skip(f"could not start a test Slurm cluster ({options or 'one node'}): {error}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

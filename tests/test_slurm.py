@@ -10,14 +10,13 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from slurm_cluster import SlurmCluster, unavailable_reason  # noqa: E402
+from slurm_cluster import SlurmCluster, started_cluster_or_skip  # noqa: E402
 from pipeline.evaluation.report import ReportError, read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -26,17 +25,7 @@ TRAIN_STEPS = 24
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    reason = unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
-    try:
-        cluster.start()
-    except (RuntimeError, subprocess.SubprocessError, OSError) as error:
-        cluster.stop()
-        pytest.skip(f"could not start a test Slurm cluster: {error}")
-    yield cluster
-    cluster.stop()
+    yield from started_cluster_or_skip(tmp_path_factory.mktemp("slurm"))
 
 
 def _job_env(run_dir: Path, dataset_prefix: str, tokenizer: Path, extra: dict | None = None) -> dict:

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from slurm_cluster import SlurmCluster, unavailable_reason  # noqa: E402
+from slurm_cluster import SlurmCluster, started_cluster_or_skip  # noqa: E402
 from test_slurm import _diagnostics, _job_env, _train_records  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,17 +35,7 @@ JOB_TIMEOUT = 600  # four 1-CPU ranks on a 2-core machine
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    reason = unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm4"), cpus=NODES, nodes=NODES)
-    try:
-        cluster.start()
-    except (RuntimeError, subprocess.SubprocessError, OSError) as error:
-        cluster.stop()
-        pytest.skip(f"could not start a 4-node test Slurm cluster: {error}")
-    yield cluster
-    cluster.stop()
+    yield from started_cluster_or_skip(tmp_path_factory.mktemp("slurm4"), cpus=NODES, nodes=NODES)
 
 
 def _env(run_dir: Path, dataset_prefix: str, tokenizer: Path, nodes: int = NODES, tasks_per_node: int = 1,

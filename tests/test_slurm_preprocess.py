@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from slurm_cluster import SlurmCluster, unavailable_reason  # noqa: E402
+from slurm_cluster import started_cluster_or_skip  # noqa: E402
 from pipeline.data.meta import import_indexed_dataset_module, load_meta, split_prefix  # noqa: E402
 from pipeline.data.preprocess import PreprocessConfig, preprocess  # noqa: E402
 
@@ -23,17 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    reason = unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm_preprocess"))
-    try:
-        cluster.start()
-    except (RuntimeError, subprocess.SubprocessError, OSError) as error:
-        cluster.stop()
-        pytest.skip(f"could not start a test Slurm cluster: {error}")
-    yield cluster
-    cluster.stop()
+    yield from started_cluster_or_skip(tmp_path_factory.mktemp("slurm_preprocess"))
 
 
 def _documents(prefix):
