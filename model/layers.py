@@ -232,6 +232,10 @@ class HeadTransform(torch.nn.Module):
 class OutputLayer(torch.nn.Module):
     """Vocabulary projection and the per-token cross-entropy, split over TP ranks by vocabulary rows.
 
+    Kept by hand around megatron-core's ``vocab_parallel_cross_entropy``: the projection reuses the tied,
+    vocab-parallel word-embedding shard plus a bias, runs only at the predicted positions, and masks the padding
+    rows; megatron-core's GPT output layer does none of that for an encoder's sparse prediction head.
+
     ``logits_r = h @ W_r^T + bias_r`` for this rank's rows ``W_r`` of the (tied) word-embedding matrix; the loss
     comes from ``vocab_parallel_cross_entropy`` (all-reduces of max / sum-exp / target logit), never a gathered
     ``[N, |V|]``. Rows past ``vocab_size`` (padding to ``padded_vocab_size``) get logit -inf.

@@ -38,6 +38,9 @@ _DP_SEED_STRIDE = 100_003
 class CpuRNGStatesTracker:
     """``CudaRNGStatesTracker`` over the CPU generator: named generator states that ``fork()`` swaps in.
 
+    Hand-written because megatron-core's tracker only swaps CUDA generator states; the CPU runs (tests, CI) need
+    the same named streams for TP dropout.
+
     Same interface as megatron's (``reset``, ``is_initialized``, ``get_states``, ``set_states``, ``add``,
     ``fork``), so megatron code that calls ``get_cuda_rng_tracker().fork()`` uses it transparently.
     """

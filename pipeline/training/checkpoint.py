@@ -104,6 +104,8 @@ def _torch_zip_with_crc(path: Path) -> bool:
 
 def build_manifest(tag_dir: Path, step: int, sha256_all: bool = False) -> dict:
     """Every file's size; the sha256 of small files, of files that carry no CRC, or of all (``sha256_all``)."""
+    # Hand-written: DeepSpeed's save writes no record of what a complete checkpoint holds, so a truncated or
+    # half-copied tag would load (or crash) without one.
     files = {}
     for path in sorted(p for p in Path(tag_dir).rglob("*") if p.is_file() and p.name != MANIFEST_FILE):
         entry = {"bytes": path.stat().st_size}
