@@ -519,3 +519,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
     finally:
         ignore_late_preemption_warning()
+        # Tear the process groups down before the interpreter exits: left to static destruction, a backend thread
+        # still joinable aborted a finished rank ("terminate called without an active exception", seen on the
+        # 4-node Slurm test after a pre-emption save), and srun then cancels the whole step.
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
