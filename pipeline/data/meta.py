@@ -60,7 +60,7 @@ def load_meta(prefix: str | os.PathLike) -> dict:
     """The meta.json written next to a preprocessed dataset; DataError if missing or unreadable."""
     path = meta_path(prefix)
     if not path.is_file():
-        raise DataError(f"{path}: dataset metadata not found (was {prefix} written by pipeline.data.preprocess?)")
+        raise DataError(f"{path}: dataset metadata not found (was {prefix} written by python -m pipeline preprocess?)")
     try:
         with open(path, encoding="utf-8") as stream:
             meta = json.load(stream)

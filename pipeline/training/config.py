@@ -120,7 +120,7 @@ class RuntimeConfig:
     resuming (``RESUMABLE_CHANGES`` in ``pipeline.training.checkpoint``)."""
 
     data_prefix: str = field(default="", metadata=_help(
-        "Prefix P written by pipeline.data.preprocess (P_train.*, P_valid.*, P.meta.json), or a weighted blend "
+        "Prefix P written by python -m pipeline preprocess (P_train.*, P_valid.*, P.meta.json), or a weighted blend "
         "WEIGHT P WEIGHT P ... (megatron-core's convention, e.g. 0.5 wiki 0.3 books 0.2 web; pipeline.data.blend): "
         "stored as one space-separated string.", required=True, nargs="+", group="data"))
     index_builder: str = field(default="node", metadata=_help(
