@@ -33,27 +33,18 @@ torch.__version__, 'cuda', torch.version.cuda, 'deepspeed', deepspeed.__version_
   | tee -a "$out/device.txt"
 
 names=()
-bench() {  # bench NAME SECONDS ARGS...: one bench.throughput process, skipped when the budget is spent
-  local name=$1 limit=$2; shift 2
+run_module() {  # run_module MODULE NAME SECONDS ARGS...: one benchmark process, skipped when the budget is spent
+  local module=$1 name=$2 limit=$3; shift 3
   local left=$((budget - SECONDS))
   if ((left < 45)); then echo "$name: skipped (budget)"; return; fi
   ((limit > left)) && limit=$left
   echo "== $name (limit ${limit}s): $*"
-  timeout "$limit" python3 -m bench.throughput --json "$out/$name.json" "$@" > "$out/$name.log" 2>&1
+  timeout "$limit" python3 -m "$module" --json "$out/$name.json" "$@" > "$out/$name.log" 2>&1
   echo "$name: rc=$? after ${SECONDS}s"
   names+=("$name")
 }
-
-hbench() {  # hbench NAME SECONDS ARGS...: one bench.host_overhead process, skipped when the budget is spent
-  local name=$1 limit=$2; shift 2
-  local left=$((budget - SECONDS))
-  if ((left < 45)); then echo "$name: skipped (budget)"; return; fi
-  ((limit > left)) && limit=$left
-  echo "== $name (limit ${limit}s): $*"
-  timeout "$limit" python3 -m bench.host_overhead --json "$out/$name.json" "$@" > "$out/$name.log" 2>&1
-  echo "$name: rc=$? after ${SECONDS}s"
-  names+=("$name")
-}
+bench() { run_module bench.throughput "$@"; }       # bench NAME SECONDS ARGS...
+hbench() { run_module bench.host_overhead "$@"; }   # hbench NAME SECONDS ARGS...
 
 two=mlm:0.15,3ml-self:0.5
 case $mode in
