@@ -31,8 +31,8 @@ def tiny_tokenizer(tmp_path_factory, english_text_file) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_dataset_prefix(tmp_path_factory, english_text_file, tiny_tokenizer) -> str:
-    """Prefix P of the Lee corpus preprocessed with ``tiny_tokenizer``: ``P_train.{bin,idx}`` (285 documents),
-    ``P_valid.{bin,idx}`` (15 documents) and ``P.meta.json``."""
+    """Prefix P of the Lee corpus preprocessed with ``tiny_tokenizer``: ``P_train.{bin,idx}`` (281 documents),
+    ``P_valid.{bin,idx}`` (19 documents) and ``P.meta.json``."""
     from pipeline.data.preprocess import PreprocessConfig, preprocess
 
     prefix = tmp_path_factory.mktemp("tiny_dataset") / "lee"

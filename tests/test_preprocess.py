@@ -3,6 +3,7 @@ every kind of bad input (one-line DataError naming the file, nothing half-writte
 
 from __future__ import annotations
 
+import hashlib
 import json
 import lzma
 import os
@@ -61,7 +62,9 @@ def test_round_trip_text_to_indexed_dataset_decodes_to_source(tiny_dataset_prefi
     source = [line.strip() for line in english_text_file.read_text(encoding="utf-8").splitlines()]
     train = _decode_split(tiny_dataset_prefix, "train", tokenizer)
     valid = _decode_split(tiny_dataset_prefix, "valid", tokenizer)
-    assert (len(train), len(valid)) == (285, 15)  # exactly round(0.05 * 300) documents held out
+    # Each document is held out with probability 0.05 (a keyed hash of its ids): 19 of 300 for seed 1234 (the
+    # count is Binomial(300, 0.05), mean 15, sd 3.8). Pinned: a change of the split rule shows here.
+    assert (len(train), len(valid)) == (281, 19)
     assert sorted(train + valid) == sorted(source)
     # Each split keeps the corpus order.
     remaining = iter(source)
@@ -70,7 +73,7 @@ def test_round_trip_text_to_indexed_dataset_decodes_to_source(tiny_dataset_prefi
     meta = load_meta(tiny_dataset_prefix)
     dataset = IndexedDataset(f"{tiny_dataset_prefix}_train")
     assert dataset.index.dtype == np.uint16 and meta["dtype"] == "uint16"
-    assert meta["splits"]["train"] == {"documents": 285, "tokens": int(dataset.sequence_lengths.sum())}
+    assert meta["splits"]["train"] == {"documents": 281, "tokens": int(dataset.sequence_lengths.sum())}
     assert meta["documents"] == 300 and meta["empty_documents_skipped"] == 0
     assert meta["special_tokens"] == {"bos": 0, "pad": 1, "eos": 2, "unk": 3, "mask": 4}
     assert meta["tokenizer"]["vocab_size"] == 1000
@@ -88,7 +91,7 @@ def test_split_is_deterministic_by_seed_and_independent_of_workers(tmp_path, eng
     for suffix in ("_train.bin", "_train.idx", "_valid.bin", "_valid.idx"):
         assert Path(f"{again}{suffix}").read_bytes() == Path(f"{tiny_dataset_prefix}{suffix}").read_bytes()
     assert Path(f"{other}_valid.bin").read_bytes() != Path(f"{again}_valid.bin").read_bytes()
-    assert len(IndexedDataset(f"{other}_valid")) == 15
+    assert len(IndexedDataset(f"{other}_valid")) == 12  # seed 99 draws another set (Binomial(300, 0.05))
     assert _listing(tmp_path) == sorted(_dataset_listing("again") + _dataset_listing("other"))
 
 
@@ -262,8 +265,8 @@ def test_cli_writes_dataset(tmp_path, english_text_file, tiny_tokenizer, capsys)
     prefix = tmp_path / "cli"
     assert main(["--input", str(english_text_file), "--tokenizer", str(tiny_tokenizer), "--output-prefix",
                  str(prefix), "--one-doc-per-line", "--valid-fraction", "0.1", "--workers", "2", "--quiet"]) == 0
-    assert "train 270 documents" in capsys.readouterr().out
-    assert load_meta(prefix)["splits"]["valid"]["documents"] == 30
+    assert "train 267 documents" in capsys.readouterr().out
+    assert load_meta(prefix)["splits"]["valid"]["documents"] == 33  # Binomial(300, 0.1): mean 30, sd 5.2
 
 
 def test_long_documents_are_tokenized_in_pieces_with_identical_ids(english_text_file, tiny_tokenizer):
@@ -335,3 +338,37 @@ def test_bulk_add_documents_writes_what_add_document_per_document_writes(tmp_pat
     dataset = IndexedDataset(str(tmp_path / "bulk"))
     assert len(dataset) == documents.size and np.array_equal(dataset[3], flat[offsets[documents[3]]:
                                                                                offsets[documents[3] + 1]])
+
+
+def test_valid_split_is_a_keyed_hash_of_each_documents_ids():
+    from pipeline.data.preprocess import valid_document_hashes, valid_document_mask
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(0, 50, size=100_000)
+    tokens = rng.integers(0, 60_000, size=int(lengths.sum()))
+    hashes = valid_document_hashes(tokens.astype(np.uint16), lengths, seed=1234)
+    # Independent of the stored dtype and of how documents are chunked (by workers, shards).
+    assert np.array_equal(valid_document_hashes(tokens.astype(np.int32), lengths, seed=1234), hashes)
+    cut = int(lengths[:777].sum())
+    assert np.array_equal(np.concatenate([valid_document_hashes(tokens[:cut], lengths[:777], 1234),
+                                          valid_document_hashes(tokens[cut:], lengths[777:], 1234)]), hashes)
+    # Pinned: BLAKE2b-64 keyed by the seed over the ids as little-endian uint32.
+    assert valid_document_hashes(np.array([5, 6, 7]), np.array([3]), seed=1234)[0] == int.from_bytes(
+        hashlib.blake2b(np.array([5, 6, 7], "<u4").tobytes(), digest_size=8,
+                        key=(1234).to_bytes(8, "little", signed=True)).digest(), "little")
+    assert not np.array_equal(valid_document_hashes(tokens, lengths, seed=99), hashes)
+
+    non_empty = lengths > 0
+    for fraction in (0.01, 0.1, 0.5):
+        is_valid = valid_document_mask(hashes, non_empty, fraction, keep_both_splits=True)
+        assert not is_valid[~non_empty].any()
+        n = int(non_empty.sum())  # the valid count is Binomial(n, fraction): within 4 sd
+        assert abs(int(is_valid.sum()) - fraction * n) <= 4 * (n * fraction * (1 - fraction)) ** 0.5
+    assert not valid_document_mask(hashes, non_empty, 0.0, keep_both_splits=True).any()
+
+    # Tiny corpora: a whole run keeps both splits non-empty (the smallest / largest hash moves); a shard does not.
+    two = np.array([2 ** 63, 2 ** 62], dtype=np.uint64)
+    assert valid_document_mask(two, np.ones(2, bool), 0.01, keep_both_splits=True).tolist() == [False, True]
+    assert valid_document_mask(two, np.ones(2, bool), 0.99, keep_both_splits=True).tolist() == [False, True]
+    assert valid_document_mask(two, np.ones(2, bool), 0.01, keep_both_splits=False).tolist() == [False, False]
+    assert valid_document_mask(two[:1], np.ones(1, bool), 0.5, keep_both_splits=True).tolist() == [False]

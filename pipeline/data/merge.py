@@ -6,7 +6,10 @@
 Each split is the concatenation, in the order given, of the inputs' splits, written with megatron-core's
 ``IndexedDatasetBuilder.add_index`` (the .bin bytes are copied, the indices offset). Every input must have been
 tokenized with the same tokenizer (same tokenizer.json fingerprint, vocabulary, special tokens and dtype), and
-``--shards N`` must find each of the N shards exactly once. The output is published like a preprocessing run
+``--shards N`` must find each of the N shards exactly once. Shards are joined in shard order whatever the order
+given, and must agree on the valid fraction, the seed and the split rule: their merge is then the dataset one
+preprocessing run over all the inputs writes (same documents, same order, same train/valid split; see
+``pipeline.data.preprocess``). The output is published like a preprocessing run
 (``pipeline.data.preprocess.publish_dataset``: complete or not at all).
 """
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -44,6 +48,17 @@ def check_same_tokenization(prefixes: Sequence[str], metas: Sequence[dict]) -> N
                 raise DataError(f"{prefix}.meta.json: made with a different tokenizer than {prefixes[0]} ({key} "
                                 f"{current[key]} vs {reference[key]}); preprocess every shard with the same "
                                 "tokenizer.json")
+
+
+def _check_same_split(prefixes: Sequence[str], metas: Sequence[dict]) -> None:
+    """DataError naming the first shard whose train/valid split rule differs from shard 0's: merged, such shards
+    would not hold the split of one run."""
+    for key in ("valid_fraction", "seed", "valid_assignment"):
+        for prefix, meta in zip(prefixes[1:], metas[1:]):
+            if meta.get(key) != metas[0].get(key):
+                raise DataError(f"{prefix}.meta.json: {key} {meta.get(key)!r} differs from {prefixes[0]}'s "
+                                f"{metas[0].get(key)!r}; preprocess every shard with the same --valid-fraction and "
+                                "--seed (and the same version of the pipeline)")
 
 
 def shard_inputs_of(output_prefix: str, count: int) -> list[str]:
@@ -85,6 +100,10 @@ def merge(inputs: Sequence[str], output_prefix: str) -> dict:
         listed = ", ".join(f"{item} ({'/'.join(map(str, meta.get('shard', ['-'])))})"
                            for item, meta in zip(prefixes, metas))
         raise DataError(f"merge: the inputs are not shards 0..N-1 of one run, each once: {listed}")
+    if shards:
+        # Shard order is the single run's document order, whatever order the inputs were given in.
+        prefixes, metas = map(list, zip(*sorted(zip(prefixes, metas), key=lambda pair: pair[1]["shard"][0])))
+        _check_same_split(prefixes, metas)
 
     def write(staging: Path) -> dict:
         IndexedDatasetBuilder = import_indexed_dataset_module().IndexedDatasetBuilder
@@ -109,6 +128,7 @@ def merge(inputs: Sequence[str], output_prefix: str) -> dict:
             "max_token_id": max(meta["max_token_id"] for meta in metas),
             "valid_fraction": first["valid_fraction"],
             "seed": first["seed"],
+            **({"valid_assignment": first["valid_assignment"]} if "valid_assignment" in first else {}),
             "splits": counts,
             "documents": counts["train"]["documents"] + counts["valid"]["documents"],
             "tokens": counts["train"]["tokens"] + counts["valid"]["tokens"],
@@ -123,7 +143,13 @@ def merge(inputs: Sequence[str], output_prefix: str) -> dict:
             meta_file.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         return meta
 
-    return publish_dataset(prefix, write)
+    meta = publish_dataset(prefix, write)
+    if meta["splits"]["valid"]["documents"] == 0 and meta["valid_fraction"] > 0:
+        # Shards keep an empty valid draw as is (a whole run would move one document): say so.
+        print(f"warning: {split_prefix(prefix, 'valid')}: the valid split is empty (--valid-fraction "
+              f"{meta['valid_fraction']}, {meta['documents']} documents); train with --eval-interval 0",
+              file=sys.stderr)
+    return meta
 
 
 def build_parser() -> argparse.ArgumentParser:
