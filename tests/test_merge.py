@@ -29,10 +29,10 @@ def input_files(tmp_path_factory, english_text_file):
     return paths
 
 
-def _run(inputs, tokenizer, prefix, shard=None):
+def _run(inputs, tokenizer, prefix, shard=None, seed=1234):
     return preprocess(PreprocessConfig(inputs=[str(path) for path in inputs], tokenizer=tokenizer,
                                        output_prefix=prefix, one_doc_per_line=True, valid_fraction=VALID_FRACTION,
-                                       seed=1234, workers=1, show_progress=False, shard=shard))
+                                       seed=seed, workers=1, show_progress=False, shard=shard))
 
 
 def _documents(prefix, split):
@@ -78,6 +78,13 @@ def test_merge_refuses_shards_of_different_tokenizers(tmp_path, input_files, tin
     with pytest.raises(DataError, match=r"lee-shard-00001-of-00002\.meta\.json: made with a different tokenizer"):
         merge_main(["--output-prefix", str(tmp_path / "lee"), "--shards", "2"])
     assert not (tmp_path / "lee.meta.json").exists() and not list(tmp_path.glob(".lee.dataset.tmp-*"))
+
+
+def test_merge_refuses_shards_split_with_different_seeds(tmp_path, input_files, tiny_tokenizer):
+    _run(input_files, tiny_tokenizer, tmp_path / "lee", shard=(0, 2))
+    _run(input_files, tiny_tokenizer, tmp_path / "lee", shard=(1, 2), seed=99)
+    with pytest.raises(DataError, match=r"lee-shard-00001-of-00002\.meta\.json: seed 99 differs from .*1234"):
+        merge_main(["--output-prefix", str(tmp_path / "lee"), "--shards", "2"])
 
 
 def test_missing_shard_and_bad_shard_argument_are_one_line_errors(tmp_path, input_files, tiny_tokenizer):
