@@ -75,3 +75,57 @@ def test_report_draws_unigram_line_and_ratio(tmp_path, capsys, tiny_dataset_pref
     assert "x the unigram" not in capsys.readouterr().out
     assert report.main([str(run_dir), "--data-prefix", str(tmp_path / "gone")]) == 1
     assert "gone.meta.json" in capsys.readouterr().err
+
+
+def test_report_on_a_blend_draws_the_blends_unigram_level(tmp_path, capsys, tiny_dataset_prefix, tiny_tokenizer,
+                                                          english_text_file):
+    import math
+    from collections import Counter
+
+    from pipeline.data.meta import import_indexed_dataset_module, load_meta
+    from pipeline.data.preprocess import PreprocessConfig, preprocess
+
+    half_text = tmp_path / "half.txt"  # a second source: the first 100 Lee documents
+    half_text.write_text("\n".join(english_text_file.read_text(encoding="utf-8").splitlines()[:100]) + "\n")
+    half = str(tmp_path / "data" / "half")
+    preprocess(PreprocessConfig(inputs=[half_text], tokenizer=tiny_tokenizer, output_prefix=half,
+                                one_doc_per_line=True, valid_fraction=0.2, workers=1, show_progress=False))
+    meta = load_meta(tiny_dataset_prefix)
+    vocab, special = meta["tokenizer"]["vocab_size"], meta["special_tokens"]
+    never_corrupted = {special["bos"], special["eos"], special["pad"], special["mask"]}
+
+    def counts(prefix, split):  # document by document, not through report's single read of the .bin
+        data = import_indexed_dataset_module().IndexedDataset(f"{prefix}_{split}")
+        return Counter(int(t) for i in range(len(data)) for t in data[i] if int(t) not in never_corrupted)
+
+    weights = {tiny_dataset_prefix: 0.7, half: 0.3}
+    smoothed = {prefix: (lambda train: lambda t: (train[t] + 1) / (sum(train.values()) + vocab - 4))(
+        counts(prefix, "train")) for prefix in weights}
+    mixture = lambda t: sum(weight * smoothed[prefix](t) for prefix, weight in weights.items())  # noqa: E731
+    cross_entropy = {}
+    for prefix in weights:
+        valid = counts(prefix, "valid")
+        cross_entropy[prefix] = -sum(n * math.log(mixture(t)) for t, n in valid.items()) / sum(valid.values())
+    expected = math.exp(sum(weight * cross_entropy[prefix] for prefix, weight in weights.items()))
+    assert report.unigram_perplexity(f"0.7 {tiny_dataset_prefix} 0.3 {half}") == pytest.approx(expected, rel=1e-9)
+    # Unnormalised weights as on the command line; not a single source's level.
+    assert report.unigram_perplexity(["7", tiny_dataset_prefix, "3", half]) == pytest.approx(expected, rel=1e-9)
+    assert expected != pytest.approx(report.unigram_perplexity(tiny_dataset_prefix), rel=1e-3)
+
+    run_dir = tmp_path / "run"
+    write_metrics(run_dir)
+    # How the trainer stores a blend in config.json: one space-separated string.
+    (run_dir / "config.json").write_text(json.dumps({"data": {"prefix": f"0.7 {tiny_dataset_prefix} 0.3 {half}"}}))
+    assert report.main([str(run_dir)]) == 0
+    assert f"masked-token perplexity 45.0 = {45.0 / expected:.2f} x the unigram {expected:,.1f}" in \
+        capsys.readouterr().out
+    assert report.main([str(run_dir), "--data-prefix", "0.7", tiny_dataset_prefix, "0.3", half]) == 0
+    assert f"x the unigram {expected:,.1f}" in capsys.readouterr().out
+    # A source moved away: the curves without the line, and one line saying why.
+    (run_dir / "config.json").write_text(json.dumps({"data": {"prefix": f"0.7 {tiny_dataset_prefix} 0.3 "
+                                                                        f"{tmp_path / 'gone'}"}}))
+    assert report.main([str(run_dir)]) == 0
+    captured = capsys.readouterr()
+    assert "x the unigram" not in captured.out
+    assert captured.err == f"note: no unigram line: {tmp_path / 'gone'}.meta.json not found (the run's data " \
+                           "moved?); give --data-prefix\n"

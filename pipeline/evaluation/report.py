@@ -4,7 +4,8 @@ Reads ``RUN_DIR/metrics.jsonl`` (written by ``pipeline.training.trainer``) and d
 the validation loss on top) and the validation perplexity of masked, replaced and unchanged tokens. Writes
 ``RUN_DIR/loss_curves.png`` unless ``--output`` says otherwise. With ``--data-prefix`` (or the run's own
 ``config.json``), the unigram perplexity of the validation split is drawn as a dashed line: the level a model
-reaches by predicting word frequencies alone, without any context.
+reaches by predicting word frequencies alone, without any context. For a blend (``0.5 wiki 0.3 books 0.2 web``)
+it is the blend's unigram level, blended like the trainer blends the validation loss (``unigram_perplexity``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
+from pipeline.data.blend import parse_data_prefix
 from pipeline.data.dataset import open_indexed_dataset
 from pipeline.data.meta import load_meta, split_prefix
 from pipeline.errors import DataError, PipelineError
@@ -66,8 +68,9 @@ def corruptible_token_counts(prefix: str | Path, split: str) -> np.ndarray:
     return counts
 
 
-def unigram_perplexity(prefix: str | Path) -> float:
-    """Unigram perplexity of the validation split of the preprocessed dataset at ``prefix``.
+def unigram_perplexity(prefix: str | Path | Sequence[str]) -> float:
+    """Unigram perplexity of the validation split of the preprocessed dataset at ``prefix``, or of a blend
+    (``"0.7 A 0.3 B"`` or its list, ``pipeline.data.blend.parse_data_prefix``).
 
     Definition: p(t) = (c_train(t) + 1) / (N_train + |C|), the add-one smoothed frequency of token t among the
     corruptible tokens of the *train* split (C: every id except <s>, </s>, <pad>, <mask>, the ids masking never
@@ -75,25 +78,60 @@ def unigram_perplexity(prefix: str | Path) -> float:
     exp(-mean log p(t)) over the corruptible tokens t of the *valid* split. It is the masked-token perplexity of
     a model that ignores the context and predicts frequencies only: ``ppl_masked`` below it means the model
     uses the context.
+
+    A blend with weights w_d: p(t) = sum_d w_d p_d(t), the mixture of the sources' smoothed train frequencies
+    (every training sample has the same number of predicted tokens, so this mixture is what minimises the
+    training loss without context: a context-free model cannot know the source); its cross-entropy CE_d on each
+    source's valid split is blended as the trainer blends the validation loss, exp(sum_d w_d CE_d). One source is
+    the definition above.
     """
-    train = corruptible_token_counts(prefix, "train")
-    valid = corruptible_token_counts(prefix, "valid")
-    if valid.sum() == 0:
-        raise DataError(f"{split_prefix(prefix, 'valid')}.bin: no corruptible tokens")
-    special = load_meta(prefix)["special_tokens"]
-    corruptible_ids = len(train) - len({special[name] for name in ("bos", "eos", "pad", "mask")})
-    log_p = np.log(train + 1.0) - math.log(train.sum() + corruptible_ids)
-    return float(math.exp(-(valid * log_p).sum() / valid.sum()))
+    sources = parse_data_prefix([str(prefix)] if isinstance(prefix, (str, Path)) else list(prefix))
+    special = load_meta(sources[0][1])["special_tokens"]
+    never_corrupted = len({special[name] for name in ("bos", "eos", "pad", "mask")})
+    mixture = None
+    valid_counts = []
+    for weight, source in sources:
+        train = corruptible_token_counts(source, "train")
+        valid = corruptible_token_counts(source, "valid")
+        if valid.sum() == 0:
+            raise DataError(f"{split_prefix(source, 'valid')}.bin: no corruptible tokens")
+        if mixture is not None and len(train) != len(mixture):
+            raise DataError(f"{source}.meta.json: vocabulary size {len(train)} differs from {sources[0][1]}'s "
+                            f"{len(mixture)}: a blend needs one tokenizer")
+        smoothed = weight * (train + 1.0) / (train.sum() + len(train) - never_corrupted)
+        mixture = smoothed if mixture is None else mixture + smoothed
+        valid_counts.append(valid)
+    log_p = np.log(mixture)
+    cross_entropy = sum(weight * -(valid * log_p).sum() / valid.sum()
+                        for (weight, _), valid in zip(sources, valid_counts))
+    return float(math.exp(cross_entropy))
 
 
 def run_data_prefix(run_dir: str | Path) -> str | None:
-    """The --data-prefix a run was trained on, from its ``config.json`` (None if not recorded)."""
+    """The --data-prefix a run was trained on, from its ``config.json`` (None if not recorded): one prefix or a
+    blend as the trainer stores it (``"0.7 A 0.3 B"``)."""
     path = Path(run_dir) / "config.json"
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
     return config.get("data", {}).get("prefix") if isinstance(config.get("data"), dict) else None
+
+
+def _unigram_of_run(prefix: str) -> float | None:
+    """The unigram level of the run's own data, or None with one line on stderr saying why it is not drawn
+    (a dataset moved away, a bad blend): the curves are drawn regardless."""
+    try:
+        sources = parse_data_prefix(prefix)
+        missing = [source for _, source in sources if not Path(f"{source}.meta.json").is_file()]
+        if missing:
+            print(f"note: no unigram line: {missing[0]}.meta.json not found (the run's data moved?); give "
+                  "--data-prefix", file=sys.stderr)
+            return None
+        return unigram_perplexity(prefix)
+    except DataError as error:
+        print(f"note: no unigram line: {error}", file=sys.stderr)
+        return None
 
 
 def draw(run_dir: str | Path, output: str | Path | None = None, unigram_ppl: float | None = None) -> Path:
@@ -154,14 +192,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline report", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", help="run directory (run_pretrain.py --save)")
     parser.add_argument("--output", help=f"PNG path [default: RUN_DIR/{DEFAULT_PNG}]")
-    parser.add_argument("--data-prefix", help="dataset whose unigram perplexity is drawn [default: the run's own "
-                        "--data-prefix, from RUN_DIR/config.json, if it is still there]")
+    parser.add_argument("--data-prefix", nargs="+", help="dataset whose unigram perplexity is drawn, or a blend "
+                        "WEIGHT P WEIGHT P ... [default: the run's own --data-prefix, from RUN_DIR/config.json, if "
+                        "it is still there]")
     args = parser.parse_args(argv)
     try:
-        prefix = args.data_prefix or run_data_prefix(args.run_dir)
-        unigram = None
-        if args.data_prefix or (prefix and Path(f"{prefix}.meta.json").is_file()):
-            unigram = unigram_perplexity(prefix)
+        if args.data_prefix:
+            unigram = unigram_perplexity(args.data_prefix)
+        else:
+            prefix = run_data_prefix(args.run_dir)
+            unigram = _unigram_of_run(prefix) if prefix else None
         path = draw(args.run_dir, args.output, unigram)
         print(summary(args.run_dir, unigram))
     except PipelineError as error:
