@@ -244,9 +244,7 @@ class Config:
         training = training_config(args, world)
         # The engine run_pretrain.py trains (pipeline.training.engine's one builder).
         self.engine = build_engine(model, training, ds_config_for(path, training, world),
-                                   compile_layers=compile_mode == "layers")
-        if compile_mode == "model":
-            self.engine.compile(compile_kwargs={"dynamic": False})
+                                   compile="none" if compile_mode == "deepcompile" else compile_mode)
         self.hooks = HookCounter(self.engine.module)
         self.times: list[float] = []
         self.last_loss = None

@@ -148,7 +148,7 @@ def build_bench_engine(model, seq_len: int, batch: int, precision: str, args):
     ds_path = Path(args.ds_config_dir) / f"{args.zero}_{precision}.json"
     ds_config = build_deepspeed_config(ds_path, training, 1, accelerator.device_name(),
                                        accelerator.is_fp16_supported(), accelerator.is_bf16_supported())
-    return build_engine(model, training, ds_config, compile_layers=args.compile)
+    return build_engine(model, training, ds_config, compile="layers" if args.compile else "none")
 
 
 def run_one(preset: str, arch: str, rate: float, precision: str, seq_len: int, batch: int, args,

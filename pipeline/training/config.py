@@ -32,6 +32,8 @@ from pipeline.errors import ConfigError
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DS_CONFIG_DIR = REPO_ROOT / "ds_configs"
 DEFAULT_DS_CONFIG = "zero2_fp32.json"
+# RuntimeConfig.compile: nothing, each layer (model.layers.compile_layers), the whole model (engine.compile()).
+COMPILE_MODES = ("none", "layers", "model")
 
 
 def _help(text: str, **cli) -> dict:
@@ -138,10 +140,14 @@ class RuntimeConfig:
     deepspeed_config: str = field(default=DEFAULT_DS_CONFIG, metadata=_help(
         "Implementation settings JSON (ds_configs/*.json, or a path); a recipe may name one.",
         flags=("--deepspeed_config", "--deepspeed-config"), group="DeepSpeed", from_recipe=True))
-    compile: bool = field(default=False, metadata=_help(
-        "torch.compile the Transformer and prediction layers (model.layers.compile_layers; GPU: ~1 min to "
-        "compile, then ~20% faster steps): leaves parameters and checkpoints unchanged. On a V100 (sm_70) it "
-        "compiles fp16 graphs whose matmuls stay cuBLAS (Triton has no Volta tensor-core path).", group="DeepSpeed"))
+    compile: str = field(default="none", metadata=_help(
+        "What torch.compile compiles (static shapes): 'layers' (a bare --compile) = each Transformer and "
+        "prediction layer (model.layers.compile_layers; GPU: ~1 min to compile, then ~20% faster steps); 'model' "
+        "= the whole forward -- embeddings, encoder, 3ML's gather/scatter and decoder, loss -- through DeepSpeed's "
+        "engine.compile() (not with DeepCompile, which compiles the model itself; evaluation compiles once more). "
+        "Parameter names and checkpoints do not depend on it: a run resumes under any mode. On a V100 (sm_70) it "
+        "compiles fp16 graphs whose matmuls stay cuBLAS (Triton has no Volta tensor-core path).",
+        choices=COMPILE_MODES, nargs="?", const="layers", group="DeepSpeed"))
     save: str | None = field(default=None, metadata=_help(
         "Run directory: checkpoints/, metrics.jsonl, tensorboard/, config.json.", group="checkpoints and logging"))
     load: str | None = field(default=None, metadata=_help(
@@ -184,6 +190,10 @@ class RuntimeConfig:
             raise ConfigError("--peak-tflops must be > 0")
         if self.index_builder not in ("node", "global"):
             raise ConfigError(f"--index-builder must be 'node' or 'global', got {self.index_builder!r}")
+        if isinstance(self.compile, bool):  # configurations saved before the modes stored a flag: True = layers
+            self.compile = "layers" if self.compile else "none"
+        if self.compile not in COMPILE_MODES:
+            raise ConfigError(f"--compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
 
 
 @dataclass
@@ -407,6 +417,19 @@ def merge_hyper_parameters(settings: dict, training: TrainingConfig, data_parall
     return ds
 
 
+def check_compile_mode(mode: str, ds_config: dict, source: str) -> None:
+    """Refuses, in one line, a ``--compile`` mode that ``ds_config`` (from ``source``) cannot run with."""
+    if mode != "none" and ds_config.get("compile", {}).get("deepcompile"):
+        # DeepCompile is engine.compile() with DeepSpeed's own backend: it compiles the whole model already.
+        raise ConfigError(f"{source}: --compile {mode} and DeepCompile (compile.deepcompile) both compile the "
+                          "model: choose one")
+    if mode == "model" and int(ds_config.get("zero_optimization", {}).get("stage", 0)) == 3:
+        # ZeRO-3 gathers each parameter in a module hook and frees it after; the whole-model graph traces the
+        # freed (empty) parameters (DeepSpeed 0.19.8's engine.compile() without DeepCompile).
+        raise ConfigError(f"{source}: --compile model does not run with ZeRO stage 3 (its graph sees the "
+                          "partitioned, empty parameters); use --compile layers, or ZeRO stage 0-2")
+
+
 def build_deepspeed_config(path: Path, training: TrainingConfig, data_parallel_size: int,
                            accelerator_name: str, fp16_supported: bool, bf16_supported: bool) -> dict:
     """The implementation settings of ``path`` with the hyper-parameters of ``training`` written in."""
@@ -576,6 +599,8 @@ def resolve_config(args: argparse.Namespace, world_size: int, dataset_meta: dict
         raise ConfigError(f"{ds_path}: torch_autocast with --tensor-parallel-size {tp} needs a CUDA device "
                           f"(megatron-core's tensor-parallel layers restore autocast in backward only there); on "
                           f"{accelerator_name} use a *_bf16.json config")
+
+    check_compile_mode(args.compile, ds_config, str(ds_path))
 
     data_prefix = args.data_prefix if isinstance(args.data_prefix, str) else " ".join(map(str, args.data_prefix))
     runtime = RuntimeConfig(**dict(_values(args, RuntimeConfig), data_prefix=data_prefix,

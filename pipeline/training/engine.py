@@ -13,8 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.errors import ConfigError
-from pipeline.training.config import TrainingConfig
+from pipeline.training.config import TrainingConfig, check_compile_mode
 from pipeline.training.schedule import lr_multiplier
 
 
@@ -59,36 +58,43 @@ def lr_scheduler_factory(training: TrainingConfig):
     return make
 
 
-def build_engine(model, training: TrainingConfig, deepspeed_config: dict, *, compile_layers: bool = False,
+def build_engine(model, training: TrainingConfig, deepspeed_config: dict, *, compile: str = "none",
                  load_universal: bool = False, log=None) -> Any:
     """The DeepSpeed engine that trains ``model`` with ``training``'s hyper-parameters and the merged
     ``deepspeed_config`` (``pipeline.training.config.build_deepspeed_config``). Needs megatron-core's parallel
     state initialised (``model.parallel.initialize_model_parallel``).
 
-    ``compile_layers``: ``torch.compile`` the Transformer and prediction layers first. ``load_universal``: this
-    engine loads a DeepSpeed universal checkpoint (re-sharding); the saved configuration stays native. A config
-    with ``"compile": {"deepcompile": true}`` (ZeRO 1-3, CUDA only; checked by ``merge_hyper_parameters``) gets
-    DeepSpeed's ``engine.compile()``: the whole model compiled, the ZeRO collectives inside the graph instead of
-    per-parameter gradient hooks."""
+    ``compile`` (``RuntimeConfig.compile``): ``"layers"`` compiles the Transformer and prediction layers before
+    DeepSpeed wraps the model; ``"model"`` compiles the whole forward after ``deepspeed.initialize`` through
+    DeepSpeed's ``engine.compile()``, which compiles the wrapped module in place (``nn.Module.compile``): the
+    parameters, their names and ``state_dict`` stay those of the eager model (no ``_orig_mod.`` prefix), so
+    checkpoints are interchangeable between the modes. ``load_universal``: this engine loads a DeepSpeed
+    universal checkpoint (re-sharding); the saved configuration stays native. A config with ``"compile":
+    {"deepcompile": true}`` (ZeRO 1-3, CUDA only; checked by ``merge_hyper_parameters``) gets
+    ``engine.compile()`` with DeepSpeed's DeepCompile backend: the whole model compiled, the ZeRO collectives
+    inside the graph instead of per-parameter gradient hooks."""
     import deepspeed
 
     from model.parallel import MegatronMpuForDeepSpeed
 
-    deepcompile = bool(deepspeed_config.get("compile", {}).get("deepcompile"))
-    if deepcompile and compile_layers:
-        raise ConfigError("--compile and DeepCompile (compile.deepcompile in the DeepSpeed config) both compile "
-                          "the model: choose one")
-    if compile_layers:
-        from model.layers import compile_layers as compile_model_layers
+    check_compile_mode(compile, deepspeed_config, "the DeepSpeed config")
+    if compile == "layers":
+        from model.layers import compile_layers
 
-        count = compile_model_layers(model)
+        count = compile_layers(model)
         if log is not None:
             log(f"torch.compile: {count} modules (compiled on first use)")
     config = dict(deepspeed_config, checkpoint={"load_universal": True}) if load_universal else deepspeed_config
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=parameter_groups(model, training.weight_decay), config=config,
         lr_scheduler=lr_scheduler_factory(training), mpu=MegatronMpuForDeepSpeed(), dist_init_required=False)
-    if deepcompile:
+    if compile == "model":
+        # Static shapes: every training micro batch has one shape (pipeline.data.masking); evaluation (eval
+        # mode, no_grad) and an evaluation batch of another size each compile once more.
+        engine.compile(compile_kwargs={"dynamic": False})
+        if log is not None:
+            log("torch.compile: the whole model (engine.compile(), compiled on first use)")
+    elif deepspeed_config.get("compile", {}).get("deepcompile"):
         engine.compile()
     return engine
 

@@ -66,7 +66,7 @@ class Trainer:
         self.config = cfg = config
         # The GPU's compute capability and SDPA kernel; bf16 refused on a GPU without it (V100).
         for line in check_device(accelerator.device_name(), precision_of(cfg.deepspeed),
-                                 cfg.runtime.deepspeed_config, cfg.runtime.compile):
+                                 cfg.runtime.deepspeed_config, cfg.runtime.compile != "none"):
             log.info(line)
         self.run_dir = Path(cfg.runtime.save) if cfg.runtime.save else None
         initialize_model_parallel(cfg.tensor_parallel_size, cfg.training.seed)
@@ -84,7 +84,7 @@ class Trainer:
                                   "or choose another --save directory")
 
         model = build_model(cfg.model, init_seed=cfg.training.seed)
-        self.engine = build_engine(model, cfg.training, cfg.deepspeed, compile_layers=cfg.runtime.compile,
+        self.engine = build_engine(model, cfg.training, cfg.deepspeed, compile=cfg.runtime.compile,
                                    log=log.info)
         self.step = 0
         self.consumed_samples = 0
