@@ -27,9 +27,15 @@ CPU (the README table)::
         --paths zero2_fp32,zero0_fp32,zero2_bf16_autocast,zero0_bf16_autocast,zero2_bf16,zero0_bf16
 
 GPU (``bash bench/gpu.sh hostlight``): the same with ``--preset large|base``, the paper's batch shapes and
-``--compile layers``; it adds GPU-busy ms (profiler), MFU and the measured/predicted speedups. ``--compile
-model`` compiles the whole forward instead (DeepSpeed's ``engine.compile()``); a ``*_deepcompile`` path runs
-DeepCompile (CUDA only).
+``--compile layers``; it adds GPU-busy ms (profiler), MFU and the measured/predicted speedups. ``--compile``
+takes ``run_pretrain.py``'s modes (the engine is built by the same ``build_engine``): ``layers``, or ``model``,
+the whole forward (DeepSpeed's ``engine.compile()``); a ``*_deepcompile`` path runs DeepCompile (CUDA only).
+Compiled rows count hooks but not operators (compiled code runs past a dispatch-mode counter).
+
+Compile modes on CPU (the README table)::
+
+    python -m bench.host_overhead --paths zero2_fp32,zero0_fp32 --compile none,layers,model --ranks 1 \
+        --steps 3 --rounds 5 --warmup 2 --json host_overhead_compile_modes.json
 
 CI (small depth, counts asserted in tests/test_host_overhead.py)::
 
@@ -498,8 +504,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         path = Path(args.json)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({"environment": {"torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-                                                   "argv": argv}, "rows": [asdict(r) for r in rows]}, indent=2))
+        # The load average tells how shared the machine was (wall times on a busy CPU are mostly scheduling).
+        environment = {"torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "argv": argv,
+                       "cpus": os.cpu_count(), "load_average_1_5_15min_at_end": list(os.getloadavg())}
+        tmp.write_text(json.dumps({"environment": environment, "rows": [asdict(r) for r in rows]}, indent=2))
         os.replace(tmp, path)
     return 0
 

@@ -15,12 +15,12 @@ META = {"tokenizer": {"vocab_size": 300, "sha256": "0" * 64},
         "special_tokens": {"bos": 0, "pad": 1, "eos": 2, "unk": 3, "mask": 4}}
 
 
-def _resolve(*options: str, ds_config: str = "zero0_fp32.json"):
+def _resolve(*options: str, ds_config: str = "zero0_fp32.json", world_size: int = 1):
     from pipeline.training.config import build_parser, resolve_config
 
     args = build_parser().parse_args(["--data-prefix", "d", "--micro-batch-size", "2", "--global-batch-size", "2",
                                       "--deepspeed_config", ds_config, *options])
-    return resolve_config(args, 1, META, "cpu", False, True)
+    return resolve_config(args, world_size, META, "cpu", False, True)
 
 
 def test_compile_option_modes_and_saved_flags():
@@ -60,6 +60,10 @@ def test_compile_mode_refusals(tmp_path):
     with pytest.raises(ConfigError, match="zero3_fp32.json: --compile model .* ZeRO stage 3"):
         _resolve("--compile", "model", ds_config="zero3_fp32.json")
     assert _resolve("--compile", "layers", ds_config="zero3_fp32.json").runtime.compile == "layers"
+    # At TP > 1 dynamo breaks the graph at megatron-core's collectives: per-layer compile is the mode there.
+    with pytest.raises(ConfigError, match="--compile model at --tensor-parallel-size 2: .* use --compile layers"):
+        _resolve("--compile", "model", "--tensor-parallel-size", "2", world_size=2)
+    assert _resolve("--compile", "layers", "--tensor-parallel-size", "2", world_size=2).runtime.compile == "layers"
 
 
 # ------------------------------------------------------------------------------------ the compiled engine

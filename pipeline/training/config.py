@@ -417,8 +417,9 @@ def merge_hyper_parameters(settings: dict, training: TrainingConfig, data_parall
     return ds
 
 
-def check_compile_mode(mode: str, ds_config: dict, source: str) -> None:
-    """Refuses, in one line, a ``--compile`` mode that ``ds_config`` (from ``source``) cannot run with."""
+def check_compile_mode(mode: str, ds_config: dict, source: str, tensor_parallel_size: int = 1) -> None:
+    """Refuses, in one line, a ``--compile`` mode that ``ds_config`` (from ``source``) or the tensor-parallel
+    size cannot run with."""
     if mode != "none" and ds_config.get("compile", {}).get("deepcompile"):
         # DeepCompile is engine.compile() with DeepSpeed's own backend: it compiles the whole model already.
         raise ConfigError(f"{source}: --compile {mode} and DeepCompile (compile.deepcompile) both compile the "
@@ -428,6 +429,13 @@ def check_compile_mode(mode: str, ds_config: dict, source: str) -> None:
         # freed (empty) parameters (DeepSpeed 0.19.8's engine.compile() without DeepCompile).
         raise ConfigError(f"{source}: --compile model does not run with ZeRO stage 3 (its graph sees the "
                           "partitioned, empty parameters); use --compile layers, or ZeRO stage 0-2")
+    if mode == "model" and tensor_parallel_size > 1:
+        # Measured on CPU at TP=2: dynamo breaks the graph at megatron-core's tensor-parallel autograd functions
+        # and collectives, recompiles the linear layers' forward per class until its recompile limit (8) and runs
+        # the rest eager: no whole-model graph.
+        raise ConfigError(f"--compile model at --tensor-parallel-size {tensor_parallel_size}: megatron-core's "
+                          "tensor-parallel collectives break the whole-model graph into pieces; use --compile "
+                          "layers")
 
 
 def build_deepspeed_config(path: Path, training: TrainingConfig, data_parallel_size: int,
@@ -600,7 +608,7 @@ def resolve_config(args: argparse.Namespace, world_size: int, dataset_meta: dict
                           f"(megatron-core's tensor-parallel layers restore autocast in backward only there); on "
                           f"{accelerator_name} use a *_bf16.json config")
 
-    check_compile_mode(args.compile, ds_config, str(ds_path))
+    check_compile_mode(args.compile, ds_config, str(ds_path), tp)
 
     data_prefix = args.data_prefix if isinstance(args.data_prefix, str) else " ".join(map(str, args.data_prefix))
     runtime = RuntimeConfig(**dict(_values(args, RuntimeConfig), data_prefix=data_prefix,

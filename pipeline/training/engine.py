@@ -77,7 +77,10 @@ def build_engine(model, training: TrainingConfig, deepspeed_config: dict, *, com
 
     from model.parallel import MegatronMpuForDeepSpeed
 
-    check_compile_mode(compile, deepspeed_config, "the DeepSpeed config")
+    from megatron.core import parallel_state
+
+    check_compile_mode(compile, deepspeed_config, "the DeepSpeed config",
+                       parallel_state.get_tensor_model_parallel_world_size())
     if compile == "layers":
         from model.layers import compile_layers
 
