@@ -144,8 +144,9 @@ class RuntimeConfig:
         "What torch.compile compiles (static shapes): 'layers' (a bare --compile) = each Transformer and "
         "prediction layer (model.layers.compile_layers; GPU: ~1 min to compile, then ~20% faster steps); 'model' "
         "= the whole forward -- embeddings, encoder, 3ML's gather/scatter and decoder, loss -- through DeepSpeed's "
-        "engine.compile() (not with DeepCompile, which compiles the model itself; evaluation compiles once more). "
-        "Parameter names and checkpoints do not depend on it: a run resumes under any mode. On a V100 (sm_70) it "
+        "engine.compile() (ZeRO 0-2 at TP=1, not with DeepCompile; evaluation compiles once more). Parameter "
+        "names and checkpoints do not depend on it: a run resumes under any mode (bitwise under the same one: "
+        "compiled dropout draws from inductor's generator). On a V100 (sm_70) it "
         "compiles fp16 graphs whose matmuls stay cuBLAS (Triton has no Volta tensor-core path).",
         choices=COMPILE_MODES, nargs="?", const="layers", group="DeepSpeed"))
     save: str | None = field(default=None, metadata=_help(
