@@ -77,6 +77,38 @@ def test_documents_with_several_sequences_are_joined_without_separator(tmp_path)
     assert sequences == [[0, 10, 11, 12, 20, 2], [0, 21, 2, 30, 31, 2]]
 
 
+def test_chunk_starts_written_in_blocks_match_a_search_over_the_stream(tmp_path):
+    # Sentences of 0..40 tokens (empty ones too), 1..4 per document; blocks of 3 sequences cross chunk boundaries.
+    rng = np.random.default_rng(5)
+    builder = IndexedDatasetBuilder(str(tmp_path / "docs.bin"), dtype=np.uint16)
+    documents = []
+    for _ in range(60):
+        sizes = rng.integers(0, 40, size=rng.integers(1, 5)).tolist()
+        sizes[0] = max(sizes[0], 1)
+        documents.append(rng.integers(5, 100, size=sum(sizes)))
+        builder.add_document(documents[-1], sizes)
+    builder.finalize(str(tmp_path / "docs.idx"))
+    # Documents joined by </s>, the sentences of one document without a separator.
+    stream = np.concatenate([part for document in documents for part in ([SPECIAL.eos], document)][1:])
+    for seq_len in (3, 7, 64):
+        packed = PackedSequences(tmp_path / "docs", seq_len, SPECIAL, seed=0, cache=False)
+        unit_starts, stream_tokens = packed._unit_starts()
+        assert stream_tokens == len(stream)
+        # The reference: each chunk start c * L lies in the last sequence starting at or before it.
+        chunk_starts = np.arange(-(-stream_tokens // packed.content_len)) * packed.content_len
+        units = np.searchsorted(unit_starts, chunk_starts, side="right") - 1
+        expected = np.concatenate([np.stack([units, chunk_starts - unit_starts[units]], axis=1),
+                                   [[stream_tokens, 0]]])
+        blocks = list(packed._starts_blocks(unit_starts, stream_tokens, block_units=3))
+        assert len(blocks) > 20
+        np.testing.assert_array_equal(np.concatenate(blocks), expected)
+        np.testing.assert_array_equal(packed._starts, expected)
+        # Every sequence decodes to its slice of the stream.
+        for j in range(len(packed)):
+            content = stream[j * packed.content_len:(j + 1) * packed.content_len]
+            np.testing.assert_array_equal(packed.sequence(j)[1:1 + len(content)], content)
+
+
 def test_sample_index_is_cached_atomically_and_reused(tmp_path, tiny_dataset_prefix):
     for suffix in (".bin", ".idx"):
         shutil.copy(f"{tiny_dataset_prefix}_train{suffix}", tmp_path / f"data{suffix}")

@@ -90,6 +90,25 @@ def test_reader_memory_does_not_grow_with_the_corpus(tmp_path):
     assert large_held < small_held + 16 * 1024 and large_peak < small_peak + 16 * 1024, usage
 
 
+def test_opening_a_dataset_allocates_nothing_that_grows_with_its_documents(tmp_path):
+    # 200k vs 1M documents of ~5 tokens: an int64 copy of the lengths and a diff of the document indices would
+    # be 3.2 vs 16 MB at every open (every rank, every DataLoader worker); the checks run a block at a time.
+    peaks = {}
+    for tokens in (1_000_000, 5_000_000):
+        prefix = tmp_path / f"synthetic{tokens}"
+        documents = write_synthetic_split(prefix, tokens, mean_document_tokens=5, seed=tokens)
+        PackedSequences(prefix, 128, SPECIAL, seed=0).build_epoch_order(0)
+        tracemalloc.start()
+        try:
+            reader = PackedSequences(prefix, 128, SPECIAL, seed=0, build=False)
+            peaks[documents] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert len(reader._indexed) == documents
+    (few, small_peak), (many, large_peak) = sorted(peaks.items())
+    assert many > 4 * few and large_peak < 2 * 2**20 and large_peak < small_peak + 256 * 1024, peaks
+
+
 def _samples(prefix, consumed, total, workers):
     loader = build_pretraining_dataloader(prefix, "train", 64, MASKING, SPECIAL, 1000, micro_batch_size=4,
                                           dp_rank=0, dp_size=1, consumed_samples=consumed, num_workers=workers,

@@ -25,12 +25,13 @@ from __future__ import annotations
 import bisect
 import collections
 import hashlib
+import math
 import os
 import socket
 import struct
 import sys
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -45,6 +46,7 @@ _INDEX_HEADER = b"MMIDIDX\x00\x00"
 _INDEX_FIXED_BYTES = 9 + 8 + 1 + 8 + 8  # header, version, dtype code, sequence count, document count
 _DTYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 8, 7: 4, 8: 2}  # megatron-core DType codes -> item size
 _CACHE_FORMAT = 1
+_CHECK_BLOCK = 1 << 16  # index entries checked at a time when a dataset is opened (512 KiB of int64 temporaries)
 BUILDS = collections.Counter()  # index files this process built, by kind ("starts", "order"): tests count them
 
 
@@ -84,13 +86,24 @@ def open_indexed_dataset(path_prefix: str | os.PathLike):
         indexed = IndexedDataset(str(path_prefix))
     except (AssertionError, ValueError) as error:
         raise DataError(f"{idx_path}: corrupt index ({error or 'inconsistent document indices'})") from None
-    lengths = np.asarray(indexed.sequence_lengths, dtype=np.int64)
-    pointers = np.asarray(indexed.index.sequence_pointers, dtype=np.int64)
-    document_indices = np.asarray(indexed.document_indices, dtype=np.int64)
-    if documents < 1 or document_indices[0] != 0 or np.any(np.diff(document_indices) < 0) or np.any(lengths < 0):
+    # Views of megatron-core's memory map, checked a block at a time: every rank and DataLoader worker opens the
+    # dataset, and whole-array temporaries (an int64 copy, a diff) would cost each of them O(documents).
+    lengths, document_indices = indexed.sequence_lengths, indexed.document_indices
+    consistent = documents >= 1 and int(document_indices[0]) == 0
+    total_tokens = 0
+    for start in range(0, max(sequences, documents), _CHECK_BLOCK):
+        block = lengths[start:start + _CHECK_BLOCK]
+        if block.size:
+            consistent &= int(block.min()) >= 0
+            total_tokens += int(block.sum(dtype=np.int64))
+        boundaries = document_indices[start:start + _CHECK_BLOCK + 1]
+        consistent &= not np.any(boundaries[1:] < boundaries[:-1])
+        if not consistent:
+            break
+    if not consistent:
         raise DataError(f"{idx_path}: corrupt index (inconsistent sequence lengths or document indices)")
-    expected_bin = int(lengths.sum()) * item_size
-    if sequences and int(pointers[-1]) + int(lengths[-1]) * item_size != expected_bin:
+    expected_bin = total_tokens * item_size
+    if int(indexed.index.sequence_pointers[-1]) + int(lengths[-1]) * item_size != expected_bin:
         raise DataError(f"{idx_path}: corrupt index (sequence pointers do not match lengths)")
     actual_bin = bin_path.stat().st_size
     if actual_bin != expected_bin:
@@ -104,19 +117,35 @@ def _file_identity(path: Path) -> str:
     return hashlib.sha1(f"{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}".encode()).hexdigest()[:16]
 
 
-def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    """``np.save`` under a temporary name renamed into place: readers see the whole file or none."""
+def _write_npy_atomic(path: Path, shape: tuple[int, ...], dtype, blocks: Iterable[np.ndarray]) -> None:
+    """A ``.npy`` file of ``shape`` and ``dtype`` made of ``blocks`` (C-ordered, written as they come: the builder
+    need not hold the whole array), under a temporary name renamed into place: readers see the whole file or
+    none. The bytes of ``np.save`` of the concatenated blocks."""
     # The host in the name too: node leaders on a shared filesystem may share a process id.
     temporary = temporary_path(path)
     temporary = temporary.with_name(f"{temporary.name}-{socket.gethostname()}")
     with naming_path(path.parent):
         path.parent.mkdir(parents=True, exist_ok=True)  # an --index-dir made on first use
+    dtype = np.dtype(dtype)
     try:
         with naming_path(path), open(temporary, "wb") as stream:
-            np.save(stream, array)
+            np.lib.format.write_array_header_1_0(stream, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                                          "fortran_order": False, "shape": tuple(shape)})
+            written = 0
+            for block in blocks:
+                block = np.ascontiguousarray(block, dtype=dtype)
+                stream.write(memoryview(block).cast("B"))
+                written += block.nbytes
+            if written != math.prod(shape) * dtype.itemsize:
+                raise AssertionError(f"{path}: wrote {written} bytes for shape {shape}")  # a bug, not bad input
         os.replace(temporary, path)  # concurrent builders (one per node on a shared filesystem) write equal bytes
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    """``np.save(path, array)`` under a temporary name renamed into place (``_write_npy_atomic``)."""
+    _write_npy_atomic(path, array.shape, array.dtype, [array])
 
 
 class PackedSequences:
@@ -193,31 +222,43 @@ class PackedSequences:
         return (unit + 1 < self._num_units and position < len(self._document_indices)
                 and int(self._document_indices[position]) == unit + 1)
 
-    def _build_starts(self) -> np.ndarray:
-        """[n + 1, 2] int64: (indexed-dataset sequence, token offset in it) where each of the n chunks starts (an
-        offset equal to the sequence's length points at the </s> that follows it); row n is (stream tokens, 0)."""
-        BUILDS["starts"] += 1
-        lengths = np.asarray(self._lengths, dtype=np.int64)
+    def _unit_starts(self) -> tuple[np.ndarray, int]:
+        """(where each indexed-dataset sequence starts in the stream, stream tokens): one cumsum over the sequence
+        lengths, each plus the </s> that follows it where a document ends."""
+        unit_lengths = np.asarray(self._lengths, dtype=np.int64)  # a copy: the separators are added to it
         document_ends = np.asarray(self._document_indices[1:], dtype=np.int64) - 1
-        separator_after = np.zeros(lengths.size, dtype=bool)
-        separator_after[document_ends[document_ends >= 0]] = True
-        if lengths.size:
-            separator_after[-1] = False
-        unit_lengths = lengths + separator_after
-        del lengths, separator_after, document_ends
-        unit_ends = np.cumsum(unit_lengths)
-        stream_tokens = int(unit_ends[-1]) if unit_ends.size else 0
-        unit_starts = unit_ends - unit_lengths
-        del unit_lengths, unit_ends
+        unit_lengths[document_ends[(document_ends >= 0) & (document_ends < unit_lengths.size - 1)]] += 1
+        del document_ends
+        unit_starts = np.cumsum(unit_lengths)
+        stream_tokens = int(unit_starts[-1]) if unit_starts.size else 0
+        unit_starts -= unit_lengths
+        return unit_starts, stream_tokens
+
+    def _starts_blocks(self, unit_starts: np.ndarray, stream_tokens: int,
+                       block_units: int = 1 << 16) -> Iterator[np.ndarray]:
+        """The rows of the starts array [n + 1, 2] int64, a block of indexed-dataset sequences at a time (so the
+        builder holds O(documents + block), not O(n)): (sequence, token offset in it) where each of the n chunks
+        starts (an offset equal to the sequence's length points at the </s> that follows it); row n is
+        (stream tokens, 0)."""
+        BUILDS["starts"] += 1
         num_sequences = -(-stream_tokens // self.content_len)
-        starts = np.empty((num_sequences + 1, 2), dtype=np.int64)
-        chunk_starts = starts[:num_sequences, 1]
-        chunk_starts[:] = np.arange(num_sequences, dtype=np.int64) * self.content_len
-        units = starts[:num_sequences, 0]
-        units[:] = np.searchsorted(unit_starts, chunk_starts, side="right") - 1
-        chunk_starts -= unit_starts[units]
-        starts[num_sequences] = (stream_tokens, 0)
-        return starts
+        # Chunk c starts at c * L; sequence u holds the chunk starts in [start_u, start_{u+1}): chunks
+        # ceil(start_u / L) .. ceil(start_{u+1} / L) - 1. np.repeat lists them in one linear pass (no search).
+        first_chunk = -(-unit_starts // self.content_len)
+        for first_unit in range(0, unit_starts.size, block_units):
+            end_unit = min(first_unit + block_units, unit_starts.size)
+            end_chunk = int(first_chunk[end_unit]) if end_unit < unit_starts.size else num_sequences
+            block = np.empty((end_chunk - int(first_chunk[first_unit]), 2), dtype=np.int64)
+            block[:, 0] = np.repeat(np.arange(first_unit, end_unit, dtype=np.int64),
+                                    np.diff(first_chunk[first_unit:end_unit], append=end_chunk))
+            block[:, 1] = np.arange(int(first_chunk[first_unit]), end_chunk, dtype=np.int64) * self.content_len
+            block[:, 1] -= unit_starts[block[:, 0]]
+            yield block
+        yield np.array([[stream_tokens, 0]], dtype=np.int64)
+
+    def _build_starts(self) -> np.ndarray:
+        """The starts array (``_starts_blocks``) in memory."""
+        return np.concatenate(list(self._starts_blocks(*self._unit_starts())))
 
     def _missing(self, path: Path, what: str) -> DataError:
         return DataError(f"{path}: {what} not built (it is written by the index-building rank before the others "
@@ -239,9 +280,10 @@ class PackedSequences:
                 raise DataError(f"{path}: corrupt sample index (delete it; the index-building rank rebuilds it)")
         elif not self.build:
             raise self._missing(path, "sample index")
-        starts = self._build_starts()
+        unit_starts, stream_tokens = self._unit_starts()
         try:
-            _save_npy_atomic(path, starts)
+            _write_npy_atomic(path, (-(-stream_tokens // self.content_len) + 1, 2), np.int64,
+                              self._starts_blocks(unit_starts, stream_tokens))
         except OSError as error:
             raise DataError(f"{path}: cannot write the sample index ({error.strerror or error}); give a writable "
                             "--index-dir") from None
