@@ -431,9 +431,9 @@ def check_compile_mode(mode: str, ds_config: dict, source: str, tensor_parallel_
         raise ConfigError(f"{source}: --compile model does not run with ZeRO stage 3 (its graph sees the "
                           "partitioned, empty parameters); use --compile layers, or ZeRO stage 0-2")
     if mode == "model" and tensor_parallel_size > 1:
-        # Measured on CPU at TP=2: dynamo breaks the graph at megatron-core's tensor-parallel autograd functions
-        # and collectives, recompiles the linear layers' forward per class until its recompile limit (8) and runs
-        # the rest eager: no whole-model graph.
+        # Measured on CPU at TP=2 (tiny 3MLself): dynamo breaks the graph at each of megatron-core's all_reduce
+        # calls (async_op=True: not traceable) and warnings, 26 graphs instead of one, and the linear layers'
+        # forward reaches dynamo's recompile limit (8) and runs eager. The losses stay eager's; the point is lost.
         raise ConfigError(f"--compile model at --tensor-parallel-size {tensor_parallel_size}: megatron-core's "
                           "tensor-parallel collectives break the whole-model graph into pieces; use --compile "
                           "layers")
