@@ -33,8 +33,14 @@ def test_only_the_engine_module_calls_deepspeed_initialize():
     sources = [p for d in ("pipeline", "model", "bench") for p in (ROOT / d).rglob("*.py")] + [ROOT / "run_pretrain.py"]
     callers = sorted(str(p.relative_to(ROOT)) for p in sources if "deepspeed.initialize" in _calls(p))
     assert callers == ["pipeline/training/engine.py"]
-    for user in ("pipeline/training/trainer.py", "pipeline/training/universal.py", "bench/throughput.py"):
+    for user in ("pipeline/training/trainer.py", "pipeline/training/universal.py", "bench/throughput.py",
+                 "bench/host_overhead.py"):
         assert "build_engine" in _calls(ROOT / user), user
+    # --compile model is DeepSpeed's engine.compile(), called by build_engine only: what bench/host_overhead.py
+    # measures is what training runs.
+    compilers = sorted(str(p.relative_to(ROOT)) for p in sources
+                       if any(name.endswith("engine.compile") for name in _calls(p)))
+    assert compilers == ["pipeline/training/engine.py"]
 
 
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
