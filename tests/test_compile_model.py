@@ -44,12 +44,10 @@ def test_compile_option_modes_and_saved_flags():
         assert resume_differences(saved, current.to_dict()) == ([], [])
 
 
-def test_compile_mode_refusals(tmp_path):
-    from pipeline.training.config import DS_CONFIG_DIR
+def test_compile_mode_refusals():
+    from pipeline.training.config import DS_CONFIG_DIR, TrainingConfig, build_deepspeed_config, check_compile_mode
 
     # DeepCompile is engine.compile() itself (CUDA only: the CPU refusal comes first, so check it as "cuda").
-    from pipeline.training.config import TrainingConfig, build_deepspeed_config, check_compile_mode
-
     deepcompile = build_deepspeed_config(DS_CONFIG_DIR / "zero2_bf16_autocast_deepcompile.json", TrainingConfig(),
                                          1, "cuda", True, True)
     for mode in ("layers", "model"):
