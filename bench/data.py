@@ -143,6 +143,38 @@ def _worker_private_growth(packed, queue) -> None:
     queue.put(_memory_kib("Private_Dirty") - before)
 
 
+def index_build_against_numpy_pass(prefix: str, seq_len: int, scratch: Path, repeats: int = 3) -> tuple[float, float]:
+    """(one numpy pass s, index build s), each the best of ``repeats``, measured in turn in this process.
+
+    The numpy pass is the irreducible O(N) work of the index: ``np.cumsum`` over the per-document lengths and one
+    ``np.random.Generator.permutation`` of the N sequences. The index build is what one epoch of a run needs
+    built: the chunk starts and one epoch's order, both written to their .npy files (each further epoch adds one
+    order: about one permutation and a write)."""
+    import shutil
+
+    import numpy as np
+
+    from pipeline.data.batch import SpecialTokens
+    from pipeline.data.dataset import PackedSequences, open_indexed_dataset
+
+    special = SpecialTokens(bos=0, pad=1, eos=2, unk=3, mask=4)
+    indexed = open_indexed_dataset(prefix)  # kept: its lengths are views of its memory map
+    lengths = indexed.sequence_lengths
+    numpy_pass, build = float("inf"), float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        stream_tokens = int(np.cumsum(lengths, dtype=np.int64)[-1])
+        np.random.default_rng(1).permutation(-(-stream_tokens // (seq_len - 2)))
+        numpy_pass = min(numpy_pass, time.perf_counter() - start)
+        shutil.rmtree(scratch, ignore_errors=True)
+        start = time.perf_counter()
+        PackedSequences(prefix, seq_len, special, seed=1, index_dir=scratch).build_epoch_order(0)
+        build = min(build, time.perf_counter() - start)
+    shutil.rmtree(scratch, ignore_errors=True)
+    del lengths, indexed
+    return numpy_pass, build
+
+
 def _scaling_rank(prefix: str, rank: int, ranks: int, barrier, results, seq_len: int) -> None:
     import multiprocessing
 
@@ -172,12 +204,16 @@ def _scaling_rank(prefix: str, rank: int, ranks: int, barrier, results, seq_len:
     worker.start()
     growth = queue.get(timeout=600)
     worker.join()
-    results.put((rank, ready, index_peak, first_batch, growth, len(packed)))
+    barrier.wait()  # the others idle while rank 0 times the index build against a numpy pass
+    numpy_pass, build = (index_build_against_numpy_pass(prefix, seq_len, Path(f"{prefix}.build-bench"))
+                         if rank == 0 else (None, None))
+    results.put((rank, ready, index_peak, first_batch, growth, len(packed), numpy_pass, build))
 
 
 def bench_scaling(sizes: list[int], rank_counts: list[int], seq_len: int, directory: Path) -> list[tuple]:
     """Rows (tokens, ranks, sequences, cold index build s (slowest rank), peak index MiB (largest rank), first
-    batch s, worker private growth KiB across an epoch boundary)."""
+    batch s, worker private growth KiB across an epoch boundary, numpy pass s, index build s (starts + one
+    epoch, ``index_build_against_numpy_pass``))."""
     import multiprocessing
 
     from pipeline.data.synthetic import write_synthetic_split
@@ -201,8 +237,9 @@ def bench_scaling(sizes: list[int], rank_counts: list[int], seq_len: int, direct
             reports = [results.get(timeout=3600) for _ in processes]
             for process in processes:
                 process.join()
+            builder = next(r for r in reports if r[0] == 0)
             rows.append((tokens, ranks, reports[0][5], max(r[1] for r in reports), max(r[2] for r in reports) / 1024,
-                         max(r[3] for r in reports), max(r[4] for r in reports)))
+                         max(r[3] for r in reports), max(r[4] for r in reports), builder[6], builder[7]))
         prefix_files = list(directory.glob(f"{prefix.name}_train*"))
         for path in prefix_files:
             path.unlink()
@@ -215,9 +252,13 @@ def print_scaling(rows: list[tuple], seq_len: int, target_tokens: float = 40e9) 
     print(f"\ncorpus scale at seq_len {seq_len} (synthetic megatron-core datasets, 2 DataLoader workers, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f})")
     print(f"{'tokens':>14} {'ranks':>5} {'sequences':>11} {'cold index s':>13} {'index peak MiB':>15} "
-          f"{'first batch s':>14} {'worker growth KiB':>18}")
-    for tokens, ranks, sequences, build, peak, first, growth in rows:
-        print(f"{tokens:>14,} {ranks:>5} {sequences:>11,} {build:>13.2f} {peak:>15.1f} {first:>14.2f} {growth:>18}")
+          f"{'first batch s':>14} {'worker growth KiB':>18} {'numpy pass s':>13} {'build s':>8} {'build/pass':>11}")
+    for tokens, ranks, sequences, build, peak, first, growth, numpy_pass, one_epoch in rows:
+        print(f"{tokens:>14,} {ranks:>5} {sequences:>11,} {build:>13.2f} {peak:>15.1f} {first:>14.2f} {growth:>18} "
+              f"{numpy_pass:>13.3f} {one_epoch:>8.3f} {one_epoch / numpy_pass:>10.2f}x")
+    print("cold index s: rank 0's starts and 2 epoch orders, cold, while all ranks start; numpy pass s: np.cumsum "
+          "over the document lengths + one permutation of the sequences; build s: the starts + one epoch's order, "
+          "written (best of 3 each, in turn, in one process); goal build/pass <= 2")
     single = [row for row in rows if row[1] == rows[0][1]]
     if len(single) >= 2:
         tokens = np.array([row[0] for row in single], dtype=float)
