@@ -9,7 +9,9 @@
 #
 # Each task writes OUTPUT_PREFIX-shard-0000I-of-0000N.* (published atomically, like any preprocessing run), with
 # as many tokenizer workers as CPUs; a failed task fails the array and the merge never runs (resubmit: finished
-# shards are simply rewritten). The merge checks every shard used the same tokenizer and writes OUTPUT_PREFIX.*.
+# shards are simply rewritten). The merge checks every shard used the same tokenizer, --valid-fraction and --seed,
+# and writes OUTPUT_PREFIX.*: the dataset one preprocessing run over all the inputs would write (each document's
+# train/valid split is a keyed hash of its ids, so it does not depend on the shard).
 # INPUT is a glob expanded by Python (quote it), sorted, and cut into N contiguous runs of whole files: give at
 # least N files. --dry-run prints the two sbatch lines and the first task's command instead of submitting.
 set -euo pipefail
