@@ -13,6 +13,19 @@ what the host does per optimizer step -- the part a GPU run cannot hide:
 * ``ATen ops``: operators dispatched in one optimizer step (a ``TorchDispatchMode`` counter: forward, backward,
   gradient reduction, optimizer); ``fwd ops``, those of the forwards alone, and ``dec-layer fwd ops``, those
   inside the 3ML decoder's Transformer layers (what 3ML adds to MLM's layer stack by construction);
+* ``host ops``: operations the host issues in one optimizer step, counted with ``torch.profiler`` (CPU
+  activity) in a separate step, and defined the same for eager and compiled code (``host_operations``): every
+  dispatcher operator call (``aten::``, ``c10d::``, ...) that no other operator called -- from Python, from the
+  autograd engine's backward nodes, from a hook, or from a compiled graph's wrapper (inductor's extern kernels:
+  ``aten::mm``, ``aten::addmm``) -- plus every inductor-generated kernel call (``cpp_*`` on CPU, ``triton_*`` on
+  a GPU) plus one per compiled-graph call. A GPU step issues one launch or more for each of these. The ops an
+  operator runs inside itself (``aten::linear`` -> ``aten::t``, ``aten::addmm``) are that operator's
+  work, not counted again; so eager rows count fewer host ops than ATen ops (the dispatch mode sees the
+  decomposed ops). Inductor's CPU kernels show up in the profiler only when compiled with
+  ``TORCHINDUCTOR_CPP_ENABLE_KERNEL_PROFILE=1``, which the bench sets for its ranks (a record-function handle
+  per kernel call: ~0.1 us when no profiler runs). Not counted: Python work that calls no operator (dynamo's
+  guard checks, inductor's ``empty_strided_cpu`` allocations, DeepSpeed's bookkeeping) -- the wall time has it;
+  ``graph calls``: compiled-graph calls among them (forward and backward graphs);
 * ``host syncs``: reads of a device value by the host in one optimizer step (``aten._local_scalar_dense``:
   ``.item()``, ``bool(tensor)``): on a GPU each one waits for the queued work, leaving the GPU idle after;
 * ``params``: parameter tensors (the per-parameter work scales with it).
@@ -30,7 +43,7 @@ GPU (``bash bench/gpu.sh hostlight``): the same with ``--preset large|base``, th
 ``--compile layers``; it adds GPU-busy ms (profiler), MFU and the measured/predicted speedups. ``--compile``
 takes ``run_pretrain.py``'s modes (the engine is built by the same ``build_engine``): ``layers``, or ``model``,
 the whole forward (DeepSpeed's ``engine.compile()``); a ``*_deepcompile`` path runs DeepCompile (CUDA only).
-Compiled rows count hooks but not operators (compiled code runs past a dispatch-mode counter).
+Compiled rows count hooks and host ops, not ATen ops (compiled code runs past a dispatch-mode counter).
 
 Compile modes on CPU (the README table)::
 
@@ -49,6 +62,7 @@ import argparse
 import collections
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -108,6 +122,10 @@ class Row:
     wall_ratio_vs_zero2: float | None = None
     ops_ratio_vs_mlm: float | None = None
     wall_ratio_vs_mlm: float | None = None
+    host_ops: int | None = None
+    graph_calls: int | None = None
+    host_ops_ratio_vs_mlm: float | None = None
+    top_host_ops: list = field(default_factory=list)
 
 
 class OpCounter(TorchDispatchMode):
@@ -138,6 +156,36 @@ class OpCounter(TorchDispatchMode):
     @property
     def total(self) -> int:
         return sum(self.counts.values())
+
+
+# Profiler event names (torch.profiler, CPU activity): a dispatcher operator is NAMESPACE::name; the autograd
+# engine's events (autograd::engine::evaluate_function: X, torch::autograd::AccumulateGrad) look alike but are
+# not operators. Inductor's generated kernels: graph_N_cpp_* (CPU, with TORCHINDUCTOR_CPP_ENABLE_KERNEL_PROFILE)
+# and triton_* (GPU); a compiled graph's call is torch._inductor.output_code's "## Call CompiledFxGraph KEY ##".
+OPERATOR_EVENT = re.compile(r"^(?!autograd::|torch::autograd::)[A-Za-z_]\w*::\w+")
+KERNEL_EVENT = re.compile(r"^(graph_\d+_)?cpp_|^triton_")
+GRAPH_CALL_PREFIX = "## Call CompiledFxGraph"
+
+
+def host_operations(events) -> tuple[int, int, collections.Counter]:
+    """``(host ops, graph calls, count per name)`` of one profiled stretch (``prof.events()``): operator and
+    generated-kernel events with no operator or kernel event above them, plus the compiled-graph calls (see the
+    module docstring)."""
+    def issues(event) -> bool:
+        return bool(OPERATOR_EVENT.match(event.name) or KERNEL_EVENT.match(event.name))
+
+    counts: collections.Counter = collections.Counter()
+    graph_calls = 0
+    for event in events:
+        if event.name.startswith(GRAPH_CALL_PREFIX):
+            graph_calls += 1
+        elif issues(event):
+            parent = event.cpu_parent
+            while parent is not None and not issues(parent):
+                parent = parent.cpu_parent
+            if parent is None:  # issued by Python, the autograd engine or a graph's wrapper, not by an operator
+                counts[event.name] += 1
+    return sum(counts.values()) + graph_calls, graph_calls, counts
 
 
 class HookCounter:
@@ -292,6 +340,17 @@ class Config:
         kernel_us = sum(e.self_device_time_total for e in prof.key_averages())
         return kernel_us / 1000.0 / steps
 
+    def host_ops_step(self, top: int) -> dict:
+        """Host ops of one optimizer step (``host_operations``) from a torch.profiler trace, CPU activity only."""
+        from torch.profiler import ProfilerActivity, profile
+
+        self._sync()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            self.optimizer_step()
+            self._sync()
+        host_ops, graph_calls, counts = host_operations(prof.events())
+        return {"host_ops": host_ops, "graph_calls": graph_calls, "top_host_ops": counts.most_common(top)}
+
     def counted_step(self, top: int) -> dict:
         fired_before = self.hooks.fired
         forward = OpCounter()
@@ -309,8 +368,9 @@ class Config:
             top_ops = []
         for handle in handles:
             handle.remove()
-        return {"hooks": self.hooks.fired - fired_before, "aten_ops": ops, "forward_ops": fwd_ops,
-                "decoder_layer_forward_ops": decoder_ops, "host_syncs": syncs, "top_ops": top_ops}
+        counts = {"hooks": self.hooks.fired - fired_before, "aten_ops": ops, "forward_ops": fwd_ops,
+                  "decoder_layer_forward_ops": decoder_ops, "host_syncs": syncs, "top_ops": top_ops}
+        return counts | self.host_ops_step(top)  # its own step: a dispatch mode would add events to the trace
 
 
 def worker(args) -> int:
@@ -354,7 +414,8 @@ def worker(args) -> int:
                         preset=args.preset or "large-depth-tiny-width", batch=args.micro_batch,
                         seq_len=args.seq_len, accumulation=args.accumulation, gpu_busy_ms=count["gpu_busy_ms"],
                         mfu=config.flops / median_s / 1e12 / peak_tflops if peak_tflops else None,
-                        predicted_speedup=_predicted_speedup(config, configs)))
+                        predicted_speedup=_predicted_speedup(config, configs), host_ops=count["host_ops"],
+                        graph_calls=count["graph_calls"], top_host_ops=count["top_host_ops"]))
         assert torch.isfinite(config.last_loss), f"{config.path} {config.arch}: loss {config.last_loss}"
     if rank == 0:
         Path(args.worker_output).write_text(json.dumps([asdict(r) for r in rows]))
@@ -385,6 +446,7 @@ def launch(world: int, argv: list[str], timeout: float) -> list[Row]:
         if not torch.cuda.is_available():
             env.setdefault("DS_ACCELERATOR", "cpu")
         env.setdefault("OMP_NUM_THREADS", "1")
+        env.setdefault("TORCHINDUCTOR_CPP_ENABLE_KERNEL_PROFILE", "1")  # inductor's CPU kernels in the profiler
         logs = [open(Path(tmp) / f"rank{r}.log", "w+") for r in range(world)]
         procs = [subprocess.Popen([sys.executable, "-m", "bench.host_overhead", *argv, "--worker-output",
                                    str(output)], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), cwd=REPO,
@@ -423,19 +485,23 @@ def add_ratios(rows: list[Row]) -> None:
             row.measured_speedup = mlm.wall_ms / row.wall_ms
             if row.aten_ops is not None and mlm.aten_ops:
                 row.ops_ratio_vs_mlm = row.aten_ops / mlm.aten_ops
+            if row.host_ops is not None and mlm.host_ops:
+                row.host_ops_ratio_vs_mlm = row.host_ops / mlm.host_ops
 
 
 def format_table(rows: list[Row]) -> str:
     ratio = lambda v: "-" if v is None else f"{v:.2f}x"
     count = lambda v: "-" if v is None else str(v)
     lines = ["| ranks | path | compile | arch | rate | params | ms/step median | min | min vs ZeRO-2 | min vs MLM "
-             "| hooks fired | host syncs | ATen ops | fwd ops | dec-layer fwd ops | ops vs MLM |", "|" + "---|" * 16]
+             "| hooks fired | host syncs | ATen ops | fwd ops | dec-layer fwd ops | ops vs MLM | host ops "
+             "| graph calls | host ops vs MLM |", "|" + "---|" * 19]
     for r in rows:
         lines.append(f"| {r.ranks} | {r.path} | {r.compile} | {r.architecture} | {r.masking_rate:.2f} | {r.params} "
                      f"| {r.wall_ms:.1f} | {r.min_ms:.1f} | {ratio(r.wall_ratio_vs_zero2)} "
                      f"| {ratio(r.wall_ratio_vs_mlm)} "
                      f"| {r.hooks} | {count(r.host_syncs)} | {count(r.aten_ops)} | {count(r.forward_ops)} "
-                     f"| {count(r.decoder_layer_forward_ops)} | {ratio(r.ops_ratio_vs_mlm)} |")
+                     f"| {count(r.decoder_layer_forward_ops)} | {ratio(r.ops_ratio_vs_mlm)} | {count(r.host_ops)} "
+                     f"| {count(r.graph_calls)} | {ratio(r.host_ops_ratio_vs_mlm)} |")
     if any(r.gpu_busy_ms is not None for r in rows):
         lines += ["", "| preset | batch x len x accumulation | path | compile | arch | rate | ms/step | GPU-busy ms "
                   "| MFU | measured speedup | FLOPs-predicted |", "|" + "---|" * 11]
@@ -471,7 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per round")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the configurations")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--top-ops", type=int, default=0, help="also list the N most frequent ATen ops per row")
+    parser.add_argument("--top-ops", type=int, default=0,
+                        help="also list the N most frequent ATen ops and host ops per row")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per world size")
     parser.add_argument("--json", help="write the rows here")
@@ -499,8 +566,9 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows))
     if args.top_ops:
         for r in rows:
-            print(f"{r.ranks} rank(s) {r.path} {r.compile} {r.architecture}: "
-                  + ", ".join(f"{name} {n}" for name, n in r.top_ops))
+            print(f"{r.ranks} rank(s) {r.path} {r.compile} {r.architecture}: ATen ops "
+                  + ", ".join(f"{name} {n}" for name, n in r.top_ops) + "; host ops "
+                  + ", ".join(f"{name} {n}" for name, n in r.top_host_ops))
     if args.json:
         path = Path(args.json)
         tmp = path.with_name(path.name + ".tmp")
