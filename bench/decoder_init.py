@@ -11,6 +11,10 @@ validation perplexity of masked, replaced and unchanged tokens against the unigr
         --tokenizer TOK --output-prefix DATA/prose --one-doc-per-line --valid-fraction 0.02
     python bench/decoder_init.py --data-prefix DATA/prose --init content --json content.json
     python bench/decoder_init.py --data-prefix DATA/prose --init bert --json bert.json
+
+The other options vary what the demo's model needs to leave the unigram plateau (README, "The demo"): model
+shape (``--layers --hidden --head-dim --decoder-layers``), ``--post-ln``, ``--untie``, the encoder's position
+table (``--positions sinusoidal``: sin/cos rows at the table's init scale), ``--init-std``, ``--warmup``.
 """
 
 from __future__ import annotations
@@ -27,7 +31,6 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPOSITORY))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from model import ModelConfig, build_model  # noqa: E402
@@ -35,23 +38,16 @@ from model.parallel import initialize_single_process  # noqa: E402
 from pipeline.data.dataset import build_pretraining_dataloader  # noqa: E402
 from pipeline.data.batch import SpecialTokens  # noqa: E402
 from pipeline.data.masking import MaskingConfig  # noqa: E402
-from pipeline.data.meta import import_indexed_dataset_module, load_meta, split_prefix  # noqa: E402
+from pipeline.data.meta import load_meta  # noqa: E402
+from pipeline.evaluation.report import unigram_perplexity  # noqa: E402
 from pipeline.training.schedule import lr_multiplier  # noqa: E402
 
 
-def unigram_perplexity(prefix: str, special: SpecialTokens, vocab_size: int) -> float:
-    """exp(cross-entropy of the validation tokens under the training split's add-one unigram distribution)."""
-    indexed = import_indexed_dataset_module()
-    counts = np.ones(vocab_size, dtype=np.float64)
-    train = indexed.IndexedDataset(split_prefix(prefix, "train"))
-    counts += np.bincount(np.concatenate([np.asarray(train[i], dtype=np.int64) for i in range(len(train))]),
-                          minlength=vocab_size)[:vocab_size]
-    valid = indexed.IndexedDataset(split_prefix(prefix, "valid"))
-    tokens = np.concatenate([np.asarray(valid[i], dtype=np.int64) for i in range(len(valid))])
-    tokens = tokens[tokens > max(special.bos, special.pad, special.eos, special.unk, special.mask)]
-    log_p = np.log(counts / counts.sum())
-    del train, valid  # the arrays above are copies (np.asarray of int64 casts), not views of the mmap
-    return float(np.exp(-log_p[tokens].mean()))
+def sinusoidal_table(rows: int, width: int, std: float) -> torch.Tensor:
+    """The Transformer's sin/cos position rows, scaled to standard deviation ``std``."""
+    angle = torch.arange(rows).float()[:, None] / 10000 ** (torch.arange(0, width, 2).float() / width)
+    table = torch.stack([angle.sin(), angle.cos()], dim=-1).flatten(1)[:, :width]
+    return table * (std / table.std())
 
 
 def evaluate(model, loader, batches: int) -> dict[str, float]:
@@ -81,6 +77,17 @@ def main(argv=None) -> int:
     parser.add_argument("--masking-rate", type=float, default=0.4)
     parser.add_argument("--eval-interval", type=int, default=500)
     parser.add_argument("--eval-batches", type=int, default=40)
+    parser.add_argument("--warmup", type=float, default=0.06, help="warm-up fraction of the steps")
+    parser.add_argument("--layers", type=int, default=4, help="encoder layers")
+    parser.add_argument("--hidden", type=int, default=128, help="encoder width (FFN 4x; decoder half width)")
+    parser.add_argument("--head-dim", type=int, default=32, help="attention head width (heads = width / it)")
+    parser.add_argument("--decoder-layers", type=int, default=1)
+    parser.add_argument("--post-ln", action="store_true", help="BERT's post-LN instead of pre-LN")
+    parser.add_argument("--untie", action="store_true", help="an output matrix of its own, not the word embeddings")
+    parser.add_argument("--init-std", type=float, default=0.02)
+    parser.add_argument("--positions", choices=("learned", "sinusoidal"), default="learned",
+                        help="initial encoder (and decoder) position tables: normal(0, std) or sin/cos rows "
+                             "scaled to the same std (still learned)")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--json", help="write the evaluation records here")
     args = parser.parse_args(argv)
@@ -91,10 +98,20 @@ def main(argv=None) -> int:
     special = SpecialTokens(**meta["special_tokens"])
     vocab_size = meta["tokenizer"]["vocab_size"]
     # The demo's model (make demo): 4 x 128 encoder, 1 x 64 decoder, pre-LN.
-    config = ModelConfig.preset("tiny", args.architecture, vocab_size=vocab_size, hidden_size=128, ffn_size=512,
-                                num_heads=4, num_layers=4, decoder_hidden_size=64, decoder_ffn_size=256,
-                                decoder_num_heads=2, decoder_num_layers=1, max_positions=args.seq_len, pre_ln=True)
+    width = args.hidden
+    config = ModelConfig.preset("tiny", args.architecture, vocab_size=vocab_size, hidden_size=width,
+                                ffn_size=4 * width, num_heads=width // args.head_dim, num_layers=args.layers,
+                                decoder_hidden_size=width // 2, decoder_ffn_size=2 * width,
+                                decoder_num_heads=max(1, width // (2 * args.head_dim)),
+                                decoder_num_layers=args.decoder_layers, max_positions=args.seq_len,
+                                pre_ln=not args.post_ln, tie_embeddings=not args.untie, init_std=args.init_std)
     model = build_model(config, init_seed=args.seed)
+    if args.positions == "sinusoidal":
+        tables = [model.encoder.embeddings.position_embeddings.weight]
+        tables += [model.decoder.position_embeddings.weight] if model.decoder is not None else []
+        with torch.no_grad():
+            for table in tables:
+                table.copy_(sinusoidal_table(*table.shape, float(table.std())))
     if args.init == "bert" and model.decoder is not None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(args.seed + 1)
@@ -107,7 +124,7 @@ def main(argv=None) -> int:
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
                                   lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
-    warmup = int(round(0.06 * args.steps))
+    warmup = int(round(args.warmup * args.steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_multiplier(i, warmup, args.steps))
 
     def valid_loader():
@@ -115,7 +132,7 @@ def main(argv=None) -> int:
                                             args.batch, 0, 1, 0, 0, args.seed)
 
     records = [{"step": 0, **evaluate(model, valid_loader(), args.eval_batches)}]
-    unigram = unigram_perplexity(args.data_prefix, special, vocab_size)
+    unigram = unigram_perplexity(args.data_prefix)
     print(f"init {args.init}: unigram perplexity {unigram:.0f}; step 0 {records[0]}", flush=True)
     start = time.time()
     for step, batch in enumerate(train, start=1):
