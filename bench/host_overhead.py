@@ -397,6 +397,7 @@ def worker(args) -> int:
     counts = []
     for config in configs:
         config.timed_steps(args.warmup)  # compilation, DeepSpeed's lazy buffers, allocator warm-up
+        config.times.clear()  # the warm-up steps (compilation: seconds to minutes) are not in the median
         counts.append(config.counted_step(args.top_ops))
         counts[-1]["gpu_busy_ms"] = config.gpu_busy_ms()
     for _ in range(args.rounds):  # interleaved: every configuration sees the same machine load
