@@ -493,9 +493,9 @@ def add_ratios(rows: list[Row]) -> None:
 def format_table(rows: list[Row]) -> str:
     ratio = lambda v: "-" if v is None else f"{v:.2f}x"
     count = lambda v: "-" if v is None else str(v)
-    lines = ["| ranks | path | compile | arch | rate | params | ms/step median | min | min vs ZeRO-2 | min vs MLM "
-             "| hooks fired | host syncs | ATen ops | fwd ops | dec-layer fwd ops | ops vs MLM | host ops "
-             "| graph calls | host ops vs MLM |", "|" + "---|" * 19]
+    lines = [("| ranks | path | compile | arch | rate | params | ms/step median | min | min vs ZeRO-2 | min vs MLM "
+              "| hooks fired | host syncs | ATen ops | fwd ops | dec-layer fwd ops | ops vs MLM | host ops "
+              "| graph calls | host ops vs MLM |"), "|" + "---|" * 19]
     for r in rows:
         lines.append(f"| {r.ranks} | {r.path} | {r.compile} | {r.architecture} | {r.masking_rate:.2f} | {r.params} "
                      f"| {r.wall_ms:.1f} | {r.min_ms:.1f} | {ratio(r.wall_ratio_vs_zero2)} "
