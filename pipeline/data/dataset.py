@@ -241,7 +241,7 @@ class PackedSequences:
         starts (an offset equal to the sequence's length points at the </s> that follows it); row n is
         (stream tokens, 0)."""
         BUILDS["starts"] += 1
-        num_sequences = -(-stream_tokens // self.content_len)
+        num_sequences = self._chunk_count(stream_tokens)
         # Chunk c starts at c * L; sequence u holds the chunk starts in [start_u, start_{u+1}): chunks
         # ceil(start_u / L) .. ceil(start_{u+1} / L) - 1. np.repeat lists them in one linear pass (no search).
         first_chunk = -(-unit_starts // self.content_len)
@@ -260,6 +260,10 @@ class PackedSequences:
         """The starts array (``_starts_blocks``) in memory."""
         return np.concatenate(list(self._starts_blocks(*self._unit_starts())))
 
+    def _chunk_count(self, stream_tokens: int) -> int:
+        """Sequences (chunks of ``content_len`` tokens, the last one possibly shorter) in a stream."""
+        return -(-stream_tokens // self.content_len)
+
     def _missing(self, path: Path, what: str) -> DataError:
         return DataError(f"{path}: {what} not built (it is written by the index-building rank before the others "
                          "map it; see that rank's error, or delete partial files and restart)")
@@ -272,7 +276,7 @@ class PackedSequences:
             try:
                 starts = np.load(path, mmap_mode="r")
                 if starts.ndim == 2 and starts.shape[0] >= 1 and starts.shape[1] == 2 and starts.dtype == np.int64 \
-                        and starts.shape[0] - 1 == -(-int(starts[-1, 0]) // self.content_len):
+                        and starts.shape[0] - 1 == self._chunk_count(int(starts[-1, 0])):
                     return starts
             except (OSError, ValueError):
                 pass  # unreadable cache: the builder rebuilds and overwrites it
@@ -282,7 +286,7 @@ class PackedSequences:
             raise self._missing(path, "sample index")
         unit_starts, stream_tokens = self._unit_starts()
         try:
-            _write_npy_atomic(path, (-(-stream_tokens // self.content_len) + 1, 2), np.int64,
+            _write_npy_atomic(path, (self._chunk_count(stream_tokens) + 1, 2), np.int64,
                               self._starts_blocks(unit_starts, stream_tokens))
         except OSError as error:
             raise DataError(f"{path}: cannot write the sample index ({error.strerror or error}); give a writable "

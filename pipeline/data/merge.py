@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import sys
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from pipeline.data.meta import META_FORMAT_VERSION, SPLITS, import_indexed_dataset_module, load_meta, split_prefix
-from pipeline.data.preprocess import _output_prefix, publish_dataset, shard_prefix
+from pipeline.data.preprocess import _output_prefix, publish_dataset, shard_prefix, warn_if_valid_empty
 from pipeline.errors import DataError, exit_on_data_error
 from pipeline.io import naming_path
 
@@ -144,11 +143,7 @@ def merge(inputs: Sequence[str], output_prefix: str) -> dict:
         return meta
 
     meta = publish_dataset(prefix, write)
-    if meta["splits"]["valid"]["documents"] == 0 and meta["valid_fraction"] > 0:
-        # Shards keep an empty valid draw as is (a whole run would move one document): say so.
-        print(f"warning: {split_prefix(prefix, 'valid')}: the valid split is empty (--valid-fraction "
-              f"{meta['valid_fraction']}, {meta['documents']} documents); train with --eval-interval 0",
-              file=sys.stderr)
+    warn_if_valid_empty(prefix, meta)  # shards keep an empty valid draw (a whole run would move one document)
     return meta
 
 

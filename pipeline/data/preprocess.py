@@ -315,6 +315,14 @@ def shard_inputs(inputs: list[Path], index: int, count: int) -> list[Path]:
 VALID_ASSIGNMENT = "blake2b-64(key=seed, token ids as uint32 LE) < fraction * 2**64"
 
 
+def warn_if_valid_empty(prefix, meta: dict) -> None:
+    """One warning line on stderr when a published dataset (preprocessed or merged) has no valid document."""
+    if meta["splits"]["valid"]["documents"] == 0:
+        print(f"warning: {split_prefix(prefix, 'valid')}: the valid split is empty (--valid-fraction "
+              f"{meta['valid_fraction']}, {meta['documents']} documents); train with --eval-interval 0",
+              file=sys.stderr)
+
+
 def valid_document_mask(hashes: np.ndarray, non_empty: np.ndarray, valid_fraction: float,
                         keep_both_splits: bool) -> np.ndarray:
     """Which documents go to valid: those (non-empty) whose hash is below ``valid_fraction * 2**64``. With
@@ -398,10 +406,7 @@ def preprocess(config: PreprocessConfig) -> dict:
     tokenizer = load_raw_tokenizer(tokenizer_file)
     meta = publish_dataset(prefix, lambda staging: _write_dataset(config, inputs, tokenizer_file, tokenizer, prefix,
                                                                   staging))
-    if meta["splits"]["valid"]["documents"] == 0:
-        print(f"warning: {split_prefix(prefix, 'valid')}: the valid split is empty (--valid-fraction "
-              f"{config.valid_fraction}, {meta['documents']} documents); train with --eval-interval 0",
-              file=sys.stderr)
+    warn_if_valid_empty(prefix, meta)
     if meta["invalid_utf8_replaced"]:
         files = ", ".join(f"{name} ({count})" for name, count in meta["invalid_utf8_by_file"].items())
         print(f"warning: replaced {meta['invalid_utf8_replaced']} invalid UTF-8 sequences with U+FFFD in "
