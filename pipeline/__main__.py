@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[command][0])
+    # argparse names the program after argv[0]: say how it was invoked (run_pretrain.py's parser is shared by train).
+    sys.argv[0] = f"python -m pipeline {command}"
     return run_cli(lambda: module.main(rest))
 
 

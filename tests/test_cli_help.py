@@ -20,6 +20,16 @@ def test_pipeline_command_help(command, capsys):
     assert "usage:" in capsys.readouterr().out
 
 
+def test_front_door_names_the_command_in_usage(capsys, monkeypatch):
+    """``python -m pipeline train --help`` shows that command, not the script whose parser it shares."""
+    from pipeline.__main__ import main
+
+    monkeypatch.setattr("sys.argv", ["/somewhere/pipeline/__main__.py", "train", "--help"])
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert capsys.readouterr().out.startswith("usage: python -m pipeline train ")
+
+
 @pytest.mark.parametrize("script", ["compare", "host_overhead", "checkpoint_integrity", "decoder_init", "throughput"])
 def test_bench_help(script, capsys, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT))

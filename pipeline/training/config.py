@@ -281,8 +281,7 @@ def _add_fields(parser: argparse.ArgumentParser, cls, default_group: str, defaul
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="run_pretrain.py",
+    parser = argparse.ArgumentParser(  # prog from argv[0]: run_pretrain.py, or python -m pipeline train
         description="Pre-train MLM / 3MLself / 3MLcross with DeepSpeed (ZeRO 0-3, tensor parallelism, fp16/bf16). "
                     "Hyper-parameters: a recipe and/or the options below (explicit options win over the recipe). "
                     "Implementation settings: --deepspeed_config.",
