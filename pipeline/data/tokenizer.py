@@ -150,6 +150,21 @@ def _training_texts(reader, batch_size: int = 1000) -> Iterator[list[str]]:
         yield batch
 
 
+def _byte_level_bpe(model, lowercase: bool = False):
+    """A GPT-2/RoBERTa byte-level BPE ``tokenizers.Tokenizer`` around ``model`` (a ``tokenizers.models.BPE``): the
+    components ``tokenizers``' ByteLevelBPETokenizer assembles, built from the public API because that wrapper only
+    exposes the Tokenizer it holds as a private attribute."""
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+
+    tokenizer = Tokenizer(model)
+    if lowercase:
+        tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=True)  # replaced by the RoBERTa one below
+    return tokenizer
+
+
 def train_tokenizer(files: Sequence[str | os.PathLike], output: str | os.PathLike,
                     config: TrainConfig = TrainConfig(), show_progress: bool = False, text_key: str = "text",
                     replace_invalid: bool = False) -> Path:
@@ -158,7 +173,8 @@ def train_tokenizer(files: Sequence[str | os.PathLike], output: str | os.PathLik
     HF datasets directories; invalid UTF-8 (a binary file) is a DataError naming the file and byte, unless
     ``replace_invalid`` (then replaced with U+FFFD, counted and warned). A vocabulary smaller than asked for (too
     little text) is warned on stderr."""
-    from tokenizers import ByteLevelBPETokenizer
+    from tokenizers import pre_tokenizers, trainers
+    from tokenizers.models import BPE
 
     from pipeline.data.corpus import DocumentReader
 
@@ -171,11 +187,11 @@ def train_tokenizer(files: Sequence[str | os.PathLike], output: str | os.PathLik
             raise DataError(f"{file}: input file is empty")
     reader = DocumentReader([Path(file) for file in files], "auto", text_key, one_doc_per_line=True,
                             replace_invalid=replace_invalid)
-    bpe = ByteLevelBPETokenizer(add_prefix_space=False, lowercase=config.lowercase, trim_offsets=True)
-    bpe.train_from_iterator(_training_texts(reader), vocab_size=config.vocab_size,
-                            min_frequency=config.min_frequency, show_progress=show_progress,
-                            special_tokens=list(SPECIAL_TOKEN_STRINGS))
-    tokenizer = bpe._tokenizer  # the underlying tokenizers.Tokenizer
+    tokenizer = _byte_level_bpe(BPE(), lowercase=config.lowercase)
+    trainer = trainers.BpeTrainer(vocab_size=config.vocab_size, min_frequency=config.min_frequency,
+                                  show_progress=show_progress, special_tokens=list(SPECIAL_TOKEN_STRINGS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(_training_texts(reader), trainer=trainer)
     if reader.stats.invalid_utf8_replaced:
         counts = ", ".join(f"{name} ({count})" for name, count in reader.stats.invalid_utf8_by_file.items())
         print(f"warning: replaced {reader.stats.invalid_utf8_replaced} invalid UTF-8 sequences with U+FFFD in "
@@ -196,7 +212,8 @@ def import_tokenizer(vocab_file: str | os.PathLike, merges_file: str | os.PathLi
                      output: str | os.PathLike) -> Path:
     """Converts GPT-2/RoBERTa ``vocab.json`` + ``merges.txt`` into one tokenizer.json; special tokens missing from
     the vocabulary (all but ``<|endoftext|>`` for GPT-2) are appended after it."""
-    from tokenizers import AddedToken, ByteLevelBPETokenizer
+    from tokenizers import AddedToken
+    from tokenizers.models import BPE
 
     for file in (vocab_file, merges_file):
         if not Path(file).is_file():
@@ -214,10 +231,11 @@ def import_tokenizer(vocab_file: str | os.PathLike, merges_file: str | os.PathLi
         raise DataError(f"{vocab_file}: token {wrong[0]!r} has the id {wrong[1]!r}; ids must be non-negative "
                         "integers")
     try:
-        bpe = ByteLevelBPETokenizer(str(vocab_file), str(merges_file), add_prefix_space=False, trim_offsets=True)
+        vocab, merges = BPE.read_file(str(vocab_file), str(merges_file))
+        model = BPE(vocab, merges, continuing_subword_prefix="", end_of_word_suffix="")
     except Exception as error:
         raise DataError(f"{merges_file}: cannot build a BPE from these files ({_first_line(error)})") from None
-    tokenizer = bpe._tokenizer
+    tokenizer = _byte_level_bpe(model)
     # <mask> strips the space before it, as in RoBERTa; the others are plain special tokens.
     tokenizer.add_special_tokens([
         AddedToken(token, lstrip=(token == MASK), special=True) for token in SPECIAL_TOKEN_STRINGS])
