@@ -131,6 +131,24 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def read_json_object(path: str | os.PathLike, what: str) -> dict:
+    """The JSON object in ``path``; DataError naming the file and ``what`` it should be when it is missing, not
+    UTF-8 JSON, or not an object (an OSError reading it is the caller's to report, as everywhere)."""
+    from pipeline.errors import DataError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: {what} not found")
+    try:
+        with open(path, encoding="utf-8") as stream:
+            value = json.load(stream)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(f"{path}: not a valid {what} ({error})") from None
+    if not isinstance(value, dict):
+        raise DataError(f"{path}: not a valid {what} (expected a JSON object, got {type(value).__name__})")
+    return value
+
+
 def canonical_json_sha256(obj: Any) -> str:
     """sha256 of the canonical JSON of ``obj`` (sorted keys, no spaces): a fingerprint of a config."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

@@ -103,3 +103,16 @@ def test_parameter_counts_match_table3(single_process_group):
         assert counts["encoder"] + counts["pretraining_only"] == counts["total"]
         if arch == "mlm":
             assert counts["pretraining_only"] == 0
+
+
+@pytest.mark.parametrize("content, reason", [("{", "Expecting property name"), ("[1]", "got list"), (None, "not found")])
+def test_cli_bad_config_file_is_one_line_naming_it(tmp_path, capsys, content, reason):
+    """--config that is missing, not JSON or not an object: one line naming the file, no traceback."""
+    from pipeline.errors import run_cli
+
+    path = tmp_path / "model.json"
+    if content is not None:
+        path.write_text(content)
+    assert run_cli(lambda: main(["--config", str(path)])) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"error: {path}: ") and reason in err, err

@@ -230,8 +230,12 @@ def test_meta_vocab_must_match_tokenizer(tmp_path, english_text_file, tiny_token
     with pytest.raises(DataError, match=r"nowhere.meta.json: dataset metadata not found"):
         load_meta(tmp_path / "nowhere")
     (tmp_path / "broken.meta.json").write_text("{")
-    with pytest.raises(DataError, match=r"broken.meta.json: corrupt metadata"):
+    with pytest.raises(DataError, match=r"broken.meta.json: not a valid dataset metadata file"):
         load_meta(tmp_path / "broken")
+    (tmp_path / "listed.meta.json").write_text("[1, 2]")
+    with pytest.raises(DataError, match=r"listed.meta.json: not a valid dataset metadata file \(expected a JSON "
+                                        r"object, got list\)"):
+        load_meta(tmp_path / "listed")
 
 
 def test_failure_late_leaves_previous_dataset_untouched(tmp_path, english_text_file, tiny_tokenizer, monkeypatch):

@@ -80,6 +80,15 @@ def test_import_roberta_vocab_keeps_existing_special_ids(tmp_path, tiny_tokenize
     assert load_tokenizer(output)(text)["input_ids"] == load_tokenizer(tiny_tokenizer)(text)["input_ids"]
 
 
+def test_import_with_a_vocab_that_is_not_a_json_object_names_the_file(tmp_path):
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    for name, content, reason in [("broken.json", "{", "Expecting property name"), ("listed.json", '["a"]', "got list")]:
+        (tmp_path / name).write_text(content)
+        with pytest.raises(DataError, match=rf"{name}: not a valid JSON vocabulary .*{reason}"):
+            import_tokenizer(tmp_path / name, tmp_path / "merges.txt", tmp_path / "out.json")
+    assert not (tmp_path / "out.json").exists()
+
+
 def test_missing_and_corrupt_tokenizer_files_raise_data_error(tmp_path):
     with pytest.raises(DataError, match="nothing.json: tokenizer file not found"):
         load_tokenizer(tmp_path / "nothing.json")

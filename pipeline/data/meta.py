@@ -3,7 +3,6 @@ and megatron-core's indexed-dataset module that reads and writes the ``.bin``/``
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
@@ -12,6 +11,7 @@ import numpy as np
 
 from pipeline.data.tokenizer import load_raw_tokenizer, resolve_tokenizer_file, special_tokens, tokenizer_fingerprint
 from pipeline.errors import DataError
+from pipeline.io import read_json_object
 
 META_FORMAT_VERSION = 1
 SPLITS = ("train", "valid")
@@ -61,12 +61,8 @@ def load_meta(prefix: str | os.PathLike) -> dict:
     path = meta_path(prefix)
     if not path.is_file():
         raise DataError(f"{path}: dataset metadata not found (was {prefix} written by python -m pipeline preprocess?)")
-    try:
-        with open(path, encoding="utf-8") as stream:
-            meta = json.load(stream)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DataError(f"{path}: corrupt metadata ({error})") from None
-    if not isinstance(meta, dict) or meta.get("format_version") != META_FORMAT_VERSION:
+    meta = read_json_object(path, "dataset metadata file")
+    if meta.get("format_version") != META_FORMAT_VERSION:
         raise DataError(f"{path}: unsupported metadata format (expected format_version {META_FORMAT_VERSION})")
     return meta
 

@@ -10,15 +10,14 @@ GPT-2/RoBERTa files, adding the special tokens the vocabulary lacks. Either way 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from pipeline.io import (default_file_mode, file_sha256, library_os_error, make_parents, remove_created,
-                         temporary_path)
+from pipeline.io import (default_file_mode, file_sha256, library_os_error, make_parents, read_json_object,
+                         remove_created, temporary_path)
 from pipeline.errors import DataError, exit_on_data_error
 from pipeline.data.batch import SpecialTokens
 
@@ -218,13 +217,7 @@ def import_tokenizer(vocab_file: str | os.PathLike, merges_file: str | os.PathLi
     for file in (vocab_file, merges_file):
         if not Path(file).is_file():
             raise DataError(f"{file}: file not found")
-    try:
-        with open(vocab_file, encoding="utf-8") as stream:
-            vocab = json.load(stream)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DataError(f"{vocab_file}: not a JSON vocabulary ({_first_line(error)})") from None
-    if not isinstance(vocab, dict):
-        raise DataError(f"{vocab_file}: expected a JSON object mapping tokens to ids")
+    vocab = read_json_object(vocab_file, "JSON vocabulary (an object mapping tokens to ids)")
     wrong = next(((token, token_id) for token, token_id in vocab.items()
                   if not isinstance(token_id, int) or isinstance(token_id, bool) or token_id < 0), None)
     if wrong is not None:

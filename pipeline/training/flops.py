@@ -36,6 +36,7 @@ import sys
 from dataclasses import dataclass
 
 from model.config import ARCHITECTURES, ModelConfig
+from pipeline.io import read_json_object
 
 PAPER_FWD_BWD_FACTOR = 2.0
 # Achieved TFLOP/s and MFU count backward as 2x forward (Megatron/PaLM convention), so they compare with
@@ -109,8 +110,7 @@ class FlopsReport:
 
 def _config_from_args(preset: str | None, config_json: str | None, architecture: str, vocab_size: int | None):
     if config_json:
-        with open(config_json) as f:
-            values = json.load(f)
+        values = read_json_object(config_json, "model configuration JSON")
         values = values.get("model", values)  # a checkpoint's config file may nest the model section
         values["architecture"] = architecture or values["architecture"]
         config = ModelConfig.from_dict(values)
