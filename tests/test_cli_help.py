@@ -30,7 +30,8 @@ def test_front_door_names_the_command_in_usage(capsys, monkeypatch):
     assert capsys.readouterr().out.startswith("usage: python -m pipeline train ")
 
 
-@pytest.mark.parametrize("script", ["compare", "host_overhead", "checkpoint_integrity", "decoder_init", "throughput"])
+@pytest.mark.parametrize("script", ["compare", "host_overhead", "checkpoint_integrity", "decoder_init", "throughput",
+                                    "hf_plateau"])
 def test_bench_help(script, capsys, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT))
     module = importlib.import_module(f"bench.{script}")
