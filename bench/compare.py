@@ -36,11 +36,10 @@ import math
 import os
 import random
 import shutil
-import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -469,7 +468,7 @@ def compare(preset_name: str, corpus: Sequence[Path], labeled_dir: Path, work: P
         t = time.time()
         run_dir, export_dir = work / "runs" / key, work / "exports" / key
         if report_only and finished_step(run_dir) != plan["steps"]:
-            print(f"  not pre-trained yet (--report-only): left out", flush=True)
+            print("  not pre-trained yet (--report-only): left out", flush=True)
             continue
         pretrain(preset, plan, prefix, tokenizer, run_dir, seed)
         # The FLOPs of the model as it was trained (its resolved config), not as planned.

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import gc
 import glob
-import lzma
 import os
 import sys
 import tempfile

@@ -162,7 +162,6 @@ def test_sampler_resume_continues_an_uninterrupted_run():
 
 def test_sampler_shards_are_disjoint_and_cover_the_global_batch():
     dp_size, micro_batch_size, consumed = 4, 3, 24
-    ranks = [[] for _ in range(dp_size)]
     iterators = [iter(PretrainingBatchSampler(None, consumed, micro_batch_size, rank, dp_size))
                  for rank in range(dp_size)]
     for step in range(50):  # endless sampler: crosses many epochs of any small dataset

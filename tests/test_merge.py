@@ -3,7 +3,6 @@ of one run over the same inputs, with the valid fraction kept; shards of differe
 
 import subprocess
 import sys
-from collections import Counter
 
 import numpy as np
 import pytest

@@ -37,7 +37,6 @@ import argparse
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Sequence
