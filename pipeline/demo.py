@@ -44,6 +44,8 @@ MASKING_RATE = 0.4
 WARMUP = 0.06
 DEMO_VOCAB = 2000
 DEMO_STEPS = 600
+# `make demo-long`: the demo's model leaves the unigram plateau after ~1,750 steps of this text (README).
+DEMO_LONG_STEPS = 4000
 DEMO_BATCH = 32
 DEMO_LR = 2e-3
 CONTEXT_RATIO = 0.9  # masked-token perplexity at or below 0.9 x unigram: clearly predicting from context
@@ -224,7 +226,11 @@ def print_infilling(results: list[dict], frequent: str | None = None) -> tuple[i
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", default=str(REPO_ROOT / "demo_out"))
-    parser.add_argument("--steps", type=int, default=DEMO_STEPS, help="optimizer steps of the pre-training")
+    parser.add_argument("--steps", type=int, help=f"optimizer steps of the pre-training [default: {DEMO_STEPS}, "
+                        f"with --long {DEMO_LONG_STEPS}]")
+    parser.add_argument("--long", action="store_true",
+                        help=f"{DEMO_LONG_STEPS} steps (~14 minutes on 2 idle cores, what `make demo-long` runs): long "
+                             "enough for the model to leave the unigram plateau and use the context")
     parser.add_argument("--batch-size", type=int, default=DEMO_BATCH, help=f"global batch (sequences of {SEQ_LEN} "
                         "tokens)")
     parser.add_argument("--lr", type=float, default=DEMO_LR, help="peak learning rate")
@@ -233,6 +239,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.batch_size % args.ranks:
         parser.error("--batch-size must be a multiple of --ranks")
+    if args.steps is None:
+        args.steps = DEMO_LONG_STEPS if args.long else DEMO_STEPS
+    elif args.steps < 1:
+        parser.error("--steps must be positive")
 
     from pipeline.data.preprocess import PreprocessConfig, preprocess
     from pipeline.data.tokenizer import TrainConfig, load_raw_tokenizer, train_tokenizer
