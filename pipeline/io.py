@@ -1,5 +1,5 @@
-"""Atomic writes, atomic publication of multi-file outputs, and hashing, shared by every module that writes or
-fingerprints files.
+"""Atomic writes, atomic publication of multi-file outputs, hashing, and reading the JSON files users hand us,
+shared by every module that writes, fingerprints or reads such files.
 
 One file: a reader sees the old file or the new one, never a prefix: write a temporary file next to the target (a
 hidden name ending in ``.tmp-PID``), flush and fsync it, then ``os.replace`` it onto the target.
@@ -30,6 +30,8 @@ import shutil
 import sys
 from pathlib import Path
 from typing import Any
+
+from pipeline.errors import DataError
 
 TMP_INFIX = ".tmp-"
 OLD_INFIX = ".old-"
@@ -134,8 +136,6 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
 def read_json_object(path: str | os.PathLike, what: str) -> dict:
     """The JSON object in ``path``; DataError naming the file and ``what`` it should be when it is missing, not
     UTF-8 JSON, or not an object (an OSError reading it is the caller's to report, as everywhere)."""
-    from pipeline.errors import DataError
-
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: {what} not found")

@@ -105,7 +105,8 @@ def test_parameter_counts_match_table3(single_process_group):
             assert counts["pretraining_only"] == 0
 
 
-@pytest.mark.parametrize("content, reason", [("{", "Expecting property name"), ("[1]", "got list"), (None, "not found")])
+@pytest.mark.parametrize("content, reason", [("{", "Expecting property name"), ("[1]", "got list"), (None, "not found"),
+                                             ('{"model": [1]}', 'its "model" section is not a JSON object')])
 def test_cli_bad_config_file_is_one_line_naming_it(tmp_path, capsys, content, reason):
     """--config that is missing, not JSON or not an object: one line naming the file, no traceback."""
     from pipeline.errors import run_cli

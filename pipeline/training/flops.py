@@ -36,6 +36,7 @@ import sys
 from dataclasses import dataclass
 
 from model.config import ARCHITECTURES, ModelConfig
+from pipeline.errors import ConfigError
 from pipeline.io import read_json_object
 
 PAPER_FWD_BWD_FACTOR = 2.0
@@ -112,6 +113,8 @@ def _config_from_args(preset: str | None, config_json: str | None, architecture:
     if config_json:
         values = read_json_object(config_json, "model configuration JSON")
         values = values.get("model", values)  # a checkpoint's config file may nest the model section
+        if not isinstance(values, dict):
+            raise ConfigError(f"{config_json}: its \"model\" section is not a JSON object")
         values["architecture"] = architecture or values["architecture"]
         config = ModelConfig.from_dict(values)
     else:
