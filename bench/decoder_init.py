@@ -20,7 +20,6 @@ table (``--positions sinusoidal``: sin/cos rows at the table's init scale), ``--
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -40,6 +39,7 @@ from pipeline.data.batch import SpecialTokens  # noqa: E402
 from pipeline.data.masking import MaskingConfig  # noqa: E402
 from pipeline.data.meta import load_meta  # noqa: E402
 from pipeline.evaluation.report import unigram_perplexity  # noqa: E402
+from pipeline.io import write_json_atomic  # noqa: E402
 from pipeline.training.schedule import lr_multiplier  # noqa: E402
 
 
@@ -148,10 +148,7 @@ def main(argv=None) -> int:
         if step == args.steps:
             break
     if args.json:
-        path = Path(args.json)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({"args": vars(args), "unigram_perplexity": unigram, "records": records}, indent=1))
-        os.replace(tmp, path)
+        write_json_atomic(args.json, {"args": vars(args), "unigram_perplexity": unigram, "records": records})
     return 0
 
 

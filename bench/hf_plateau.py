@@ -13,7 +13,6 @@ of the ``<mask>`` tokens of fixed validation (and train) sequences against the u
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -30,6 +29,7 @@ import torch  # noqa: E402
 from pipeline.data.dataset import open_indexed_dataset  # noqa: E402
 from pipeline.data.meta import load_meta, split_prefix  # noqa: E402
 from pipeline.evaluation.report import unigram_perplexity  # noqa: E402
+from pipeline.io import write_json_atomic  # noqa: E402
 from pipeline.training.schedule import lr_multiplier  # noqa: E402
 
 ORDINARY_FROM = 5  # ids 0-4 are the RoBERTa specials (pipeline.data.tokenizer)
@@ -130,10 +130,7 @@ def main(argv=None) -> int:
             print(f"step {step} ({time.time() - start:.0f} s): masked {records[-1]['ppl_masked']:.0f} = "
                   f"{records[-1]['ppl_masked'] / unigram:.3f} x unigram", flush=True)
     if args.json:
-        path = Path(args.json)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({"args": vars(args), "unigram_perplexity": unigram, "records": records}, indent=1))
-        os.replace(tmp, path)
+        write_json_atomic(args.json, {"args": vars(args), "unigram_perplexity": unigram, "records": records})
     return 0
 
 

@@ -1,5 +1,6 @@
-"""Shared fixtures: a real English text (gensim's Lee corpus), a tiny tokenizer trained on it, and a tiny
-preprocessed dataset. Session-scoped: built once (a few seconds) and reused by every test module."""
+"""Shared fixtures: a real English text (gensim's Lee corpus), a tiny tokenizer trained on it and a tiny
+preprocessed dataset (session-scoped: built once, in a few seconds, and reused by every test module), and a runner
+for the bench/ experiment scripts."""
 
 from __future__ import annotations
 
@@ -56,3 +57,25 @@ def single_process_group():
     parallel_state.destroy_model_parallel()
     if owns_group:
         dist.destroy_process_group()
+
+
+@pytest.fixture
+def run_bench_script(tmp_path):
+    """``run(script, *options) -> dict``: runs ``bench/<script>.py`` with ``options`` and ``--json`` in a child
+    process on the CPU and returns the JSON it wrote (asserting it exited 0)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+
+    def run(script: str, *options: str) -> dict:
+        out = tmp_path / f"{script}.json"
+        env = {**os.environ, "PYTHONPATH": str(root), "DS_ACCELERATOR": "cpu"}
+        proc = subprocess.run([sys.executable, str(root / "bench" / f"{script}.py"), *options, "--json", str(out)],
+                              cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return json.loads(out.read_text())
+
+    return run

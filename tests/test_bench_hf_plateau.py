@@ -1,8 +1,5 @@
 """bench/hf_plateau.py (the Hugging Face RoBERTa reference for the demo's plateau, README): its corruption follows
 BERT's rule, and it trains ``RobertaForMaskedLM`` on a preprocessed dataset's token stream."""
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -28,15 +25,10 @@ def test_corruption_is_berts_rule():
     assert inputs[replaced].min() >= 5 and inputs[replaced].max() < 1000
 
 
-def test_reference_trains_on_a_dataset(tmp_path, tiny_dataset_prefix):
-    out = tmp_path / "hf.json"
-    cmd = [sys.executable, str(ROOT / "bench" / "hf_plateau.py"), "--data-prefix", str(tiny_dataset_prefix),
-           "--steps", "30", "--batch", "8", "--seq-len", "64", "--layers", "1", "--hidden", "64",
-           "--eval-interval", "30", "--eval-sequences", "32", "--json", str(out)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+def test_reference_trains_on_a_dataset(run_bench_script, tiny_dataset_prefix):
+    result = run_bench_script("hf_plateau", "--data-prefix", str(tiny_dataset_prefix), "--steps", "30", "--batch",
+                              "8", "--seq-len", "64", "--layers", "1", "--hidden", "64", "--eval-interval", "30",
+                              "--eval-sequences", "32")
     first, last = result["records"][0], result["records"][-1]
     assert (first["step"], last["step"]) == (0, 30)
     assert last["ppl_masked"] < 0.5 * first["ppl_masked"], result["records"]
