@@ -323,8 +323,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         verdict = ("  (only just below it: the model has learned word frequencies and to copy visible tokens, and "
                    "has barely started to use the context; it needs more steps than this budget)")
     else:
+        longer = "" if args.long else f"; `make demo-long` runs {DEMO_LONG_STEPS}"
         verdict = ("  (not below it: the model has learned word frequencies and to copy visible tokens, not yet to "
-                   "use the context; on this text that takes far more steps than this budget, see the README)")
+                   f"use the context; on this text that takes more steps than this budget, see the README{longer})")
     print(f"perplexity of masked tokens {first['ppl_masked']:.0f} -> {last['ppl_masked']:.0f} = {ratio:.2f} x the "
           f"unigram perplexity {unigram:.0f}{verdict}")
     print(f"corpus       {corpus}")
