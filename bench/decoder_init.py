@@ -12,7 +12,7 @@ validation perplexity of masked, replaced and unchanged tokens against the unigr
     python bench/decoder_init.py --data-prefix DATA/prose --init content --json content.json
     python bench/decoder_init.py --data-prefix DATA/prose --init bert --json bert.json
 
-The other options vary what the demo's model needs to leave the unigram plateau (README, "The demo"): model
+The other options vary what the demo's model needs to leave the unigram plateau (README, "What the demo shows"): model
 shape (``--layers --hidden --head-dim --decoder-layers``), ``--post-ln``, ``--untie``, the encoder's position
 table (``--positions sinusoidal``: sin/cos rows at the table's init scale), ``--init-std``, ``--warmup``.
 """

@@ -1,4 +1,5 @@
-"""Reference: does Hugging Face's own RoBERTa leave the unigram plateau where ours does not (README, "The demo")?
+"""Reference: does Hugging Face's own RoBERTa leave the unigram plateau where ours does not (README, "What the
+demo shows")?
 
 transformers' ``RobertaForMaskedLM`` of the demo's encoder shape, trained with plain AdamW on the raw token stream
 of a preprocessed dataset: documents concatenated in order, cut into sequences of ``--seq-len``, corrupted here in

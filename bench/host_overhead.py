@@ -80,6 +80,7 @@ from bench.throughput import parse_runs
 from model.config import ModelConfig
 from pipeline.data.batch import SpecialTokens
 from pipeline.data.masking import Masker, MaskingCollator, MaskingConfig
+from pipeline.io import write_json_atomic
 
 REPO = Path(__file__).resolve().parent.parent
 SPECIAL = SpecialTokens(bos=0, pad=1, eos=2, unk=3, mask=4)  # RoBERTa's special ids; no tokenizer needed
@@ -571,13 +572,10 @@ def main(argv: list[str] | None = None) -> int:
                   + ", ".join(f"{name} {n}" for name, n in r.top_ops) + "; host ops "
                   + ", ".join(f"{name} {n}" for name, n in r.top_host_ops))
     if args.json:
-        path = Path(args.json)
-        tmp = path.with_name(path.name + ".tmp")
         # The load average tells how shared the machine was (wall times on a busy CPU are mostly scheduling).
         environment = {"torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "argv": argv,
                        "cpus": os.cpu_count(), "load_average_1_5_15min_at_end": list(os.getloadavg())}
-        tmp.write_text(json.dumps({"environment": environment, "rows": [asdict(r) for r in rows]}, indent=2))
-        os.replace(tmp, path)
+        write_json_atomic(args.json, {"environment": environment, "rows": [asdict(r) for r in rows]})
     return 0
 
 

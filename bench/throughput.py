@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import os
 import statistics
 import sys
 import time
@@ -42,6 +40,7 @@ from model.config import ModelConfig
 from pipeline.training.flops import MFU_FWD_BWD_FACTOR
 from pipeline.data.batch import SpecialTokens
 from pipeline.data.masking import Masker, MaskingCollator, MaskingConfig
+from pipeline.io import write_json_atomic
 
 # Special ids of a RoBERTa-style vocabulary; the benchmark needs no tokenizer.
 SPECIAL = SpecialTokens(bos=0, pad=1, eos=2, unk=3, mask=4)
@@ -333,10 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         env = {"device": torch.cuda.get_device_name() if on_gpu else "cpu", "torch": torch.__version__,
                "date": time.strftime("%Y-%m-%d"), "peak_tflops": peak, "fwd_bwd_factor": args.fwd_bwd_factor}
-        path = Path(args.json)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({"environment": env, "rows": [asdict(r) for r in rows]}, indent=2))
-        os.replace(tmp, path)
+        write_json_atomic(args.json, {"environment": env, "rows": [asdict(r) for r in rows]})
     return 0
 
 
