@@ -64,7 +64,7 @@ from megatron.core import parallel_state
 
 from model.config import ModelConfig
 from model.layers import (HeadTransform, OutputLayer, TransformerStack, WordEmbedding, key_padding_mask,
-                          megatron_config)
+                          locality_bias, megatron_config)
 from pipeline.data.batch import KIND_MASKED
 
 
@@ -144,6 +144,18 @@ class Decoder(TransformerStack):
         self.embedding_layernorm = torch.nn.LayerNorm(width, eps=config.layernorm_eps)
         self.head_transform = HeadTransform(width, config)
         self.dropout = config.hidden_dropout
+        self.locality_slope = config.decoder_locality_bias
+
+    def attention_mask(self, key_valid: torch.Tensor, query_positions: torch.Tensor | None = None,
+                       key_positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The SDPA mask of a decoder attention: ``key_padding_mask(key_valid)``, plus the locality bias between
+        the tokens' original positions when ``decoder_locality_bias`` is set (positions None: ``0..L-1``)."""
+        mask = key_padding_mask(key_valid)
+        if not self.locality_slope:
+            return mask
+        if query_positions is None:
+            query_positions = key_positions = torch.arange(key_valid.shape[-1], device=key_valid.device)
+        return locality_bias(mask, self.locality_slope, query_positions, key_positions)
 
     def embed(self, x: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
         """x ``[B, N, d_de]`` + decoder position embeddings at position_ids ``[B, N]`` (None: ``0..N-1``),
@@ -230,7 +242,7 @@ class PretrainingModel(torch.nn.Module):
         target = torch.where(batch["kept_valid"], batch["kept_positions"], seq_len)
         masks = self.decoder.mask_embedding.to(projected.dtype).expand(batch_size, seq_len + 1, -1)
         x = masks.scatter(1, target.unsqueeze(-1).expand_as(projected), projected)[:, :seq_len]
-        x = self.decoder.run_layers(self.decoder.embed(x, None), key_padding_mask(batch["attention_mask"]))
+        x = self.decoder.run_layers(self.decoder.embed(x, None), self.decoder.attention_mask(batch["attention_mask"]))
         pred_positions, valid = batch["pred_positions"], batch["pred_valid"]
         losses = self._token_losses(_gather_rows(x, pred_positions), self.decoder.head_transform,
                                     batch["labels"].gather(1, pred_positions), valid)
@@ -245,8 +257,11 @@ class PretrainingModel(torch.nn.Module):
         memory = self.decoder.embed(self.decoder_projection(encoded), batch["kept_positions"])
         mask_positions, mask_valid = batch["mask_positions"], batch["mask_valid"]
         queries = self.decoder.mask_embedding.to(memory.dtype).expand(*mask_positions.shape, -1)
-        x = self.decoder.run_layers(self.decoder.embed(queries, mask_positions), key_padding_mask(mask_valid),
-                               memory=memory, memory_mask=key_padding_mask(batch["kept_valid"]))
+        kept_positions = batch["kept_positions"]
+        x = self.decoder.run_layers(
+            self.decoder.embed(queries, mask_positions),
+            self.decoder.attention_mask(mask_valid, mask_positions, mask_positions), memory=memory,
+            memory_mask=self.decoder.attention_mask(batch["kept_valid"], mask_positions, kept_positions))
         masked_losses = self._token_losses(x, self.decoder.head_transform, labels.gather(1, mask_positions),
                                            mask_valid)
         # Replaced and unchanged tokens: predicted from the encoder output, no decoder needed.

@@ -93,6 +93,14 @@ class ModelConfig:
     pad_token_id: int = 1
     """Id of ``<pad>`` (RoBERTa: 1). Padding is excluded through the batch's validity masks; the id is kept to
     check batches and for the export."""
+    decoder_locality_bias: float = 0.0
+    """Slope of an additive ``-slope * |i - j|`` bias on every 3ML decoder attention score, ``i, j`` the tokens'
+    original positions (ALiBi's distance penalty, one slope for all heads, on top of the learned positions);
+    0 = none (the paper). Why: a small model at the start of training knows no token's neighbours -- attention
+    over random absolute positions is uniform -- and sits at the unigram plateau until it finds them (~1,750
+    steps for the demo's model); this prior puts a [MASK]'s neighbours first from step 0 (README, "What the
+    demo shows"). The decoder only: it is dropped for fine-tuning, so the exported RoBERTa encoder is unchanged.
+    A float mask costs SDPA its fastest (flash) kernel in the decoder; the paper recipes leave it at 0."""
     activation: str = "gelu"
     """Feed-forward and LM-head activation: ``gelu`` (exact erf form, as BERT/RoBERTa) or ``gelu_tanh``."""
 
@@ -122,6 +130,9 @@ class ModelConfig:
             raise ValueError(f"pad_token_id {self.pad_token_id} outside the vocabulary [0, {self.vocab_size})")
         if self.activation not in ("gelu", "gelu_tanh"):
             raise ValueError(f"activation must be 'gelu' or 'gelu_tanh', got {self.activation!r}")
+        value = self.decoder_locality_bias
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= value < float("inf")):
+            raise ValueError(f"ModelConfig.decoder_locality_bias must be a finite number >= 0, got {value!r}")
         if not isinstance(self.pre_ln, bool) or not isinstance(self.tie_embeddings, bool):
             raise ValueError("pre_ln and tie_embeddings must be booleans")
 

@@ -90,6 +90,17 @@ def key_padding_mask(valid: torch.Tensor) -> torch.Tensor:
     return valid[:, None, None, :]
 
 
+def locality_bias(key_mask: torch.Tensor, slope: float, query_positions: torch.Tensor,
+                  key_positions: torch.Tensor) -> torch.Tensor:
+    """An additive SDPA mask ``[B, 1, Lq, Lk]`` fp32: ``-slope * |p_q - p_k|`` over the tokens' original
+    positions (``[B, Lq]`` / ``[B, Lk]``, or ``[L]`` shared by the batch) where ``key_mask`` (``key_padding_mask``)
+    lets a key through, -inf where it does not. One slope for every head: ALiBi's distance penalty, added to
+    the learned absolute positions rather than replacing them (see ``ModelConfig.decoder_locality_bias``)."""
+    distance = (query_positions.unsqueeze(-1) - key_positions.unsqueeze(-2)).abs().float()
+    # [B or 1, 1, Lq, Lk] against the key mask's [B, 1, 1, Lk]: the fill broadcasts to [B, 1, Lq, Lk].
+    return (distance * -slope).unsqueeze(-3).masked_fill(~key_mask, float("-inf"))
+
+
 class Attention(torch.nn.Module):
     """Multi-head attention with heads split over TP ranks.
 
@@ -125,13 +136,15 @@ class Attention(torch.nn.Module):
         return list(x.unbind(0))
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor, memory: torch.Tensor | None = None):
-        """x ``[B, Lq, d]``; key_mask ``[B, 1, 1, Lk]`` (see ``key_padding_mask``); memory ``[B, Lk, d]`` for
-        cross-attention."""
+        """x ``[B, Lq, d]``; key_mask ``[B, 1, 1, Lk]`` bool (see ``key_padding_mask``) or an additive float mask
+        ``[B, 1, Lq, Lk]`` (``locality_bias``); memory ``[B, Lk, d]`` for cross-attention."""
         if self.cross:
             (q,) = self._split_heads(self.query(x), 1)
             k, v = self._split_heads(self.key_value(memory), 2)
         else:
             q, k, v = self._split_heads(self.qkv(x), 3)
+        if key_mask.is_floating_point():
+            key_mask = key_mask.to(q.dtype)  # SDPA wants an additive mask in the query's dtype (autocast)
         dropout = self.dropout if self.training else 0.0
         # Each TP rank owns different heads: their dropout masks come from the per-TP-rank stream. With one
         # rank there is nothing to tell apart, and the default generator keeps the layer free of RNG-state

@@ -3,7 +3,7 @@
 What is asserted:
 * dropout off: the TP=2 loss equals the TP=1 loss, every merged TP=2 parameter equals the TP=1 one at
   initialisation (bit-exact), and every merged gradient matches within 1e-5 (fp32), for mlm / 3ml-self /
-  3ml-cross, pre-LN and post-LN (and an untied output projection); replicated parameters and gradients are
+  3ml-cross, pre-LN and post-LN (and an untied output projection, and both 3ML decoders with a locality bias); replicated parameters and gradients are
   bit-identical on both TP ranks (checked inside the worker while gathering) and both ranks report the same loss.
 * megatron's TP attributes of every parameter agree with ``model.tensor_parallel_dim`` / stride (the export
   merges checkpoints with these).
@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tp_worker import ARCH_LN
+from tp_worker import ARCH_LN, EXTRA_EXACT
 
 WORKER = Path(__file__).with_name("tp_worker.py")
 
@@ -54,7 +54,7 @@ def test_partition_attributes_match_tensor_parallel_dim(tp_results):
     assert tp_results["attributes_wrong"] == []
 
 
-@pytest.mark.parametrize("arch,pre_ln", ARCH_LN + [("mlm-untied", False)])
+@pytest.mark.parametrize("arch,pre_ln", ARCH_LN + EXTRA_EXACT)
 def test_tp2_matches_tp1_without_dropout(tp_results, arch, pre_ln):
     single, split = tp_results["exact"][(1, arch, pre_ln)], tp_results["exact"][(2, arch, pre_ln)]
     assert torch.isfinite(single["loss"])

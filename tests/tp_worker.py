@@ -21,6 +21,16 @@ from pipeline.data.masking import Masker, MaskingConfig, collate
 SPECIAL = SpecialTokens(bos=0, pad=1, eos=2, unk=3, mask=4)
 VOCAB = 300
 ARCH_LN = [(arch, pre_ln) for arch in ("mlm", "3ml-self", "3ml-cross") for pre_ln in (False, True)]
+# Further exact TP=2 == TP=1 cases: the untied output projection, and the 3ML decoders with a locality bias.
+EXTRA_EXACT = [("mlm-untied", False), ("3ml-self-local", False), ("3ml-cross-local", True)]
+
+
+def exact_case_config(arch: str, pre_ln: bool):
+    if arch == "mlm-untied":
+        return tiny_config("mlm", pre_ln, tie_embeddings=False)
+    if arch.endswith("-local"):
+        return tiny_config(arch.removesuffix("-local"), pre_ln, decoder_locality_bias=0.7)
+    return tiny_config(arch, pre_ln)
 
 
 def make_batch(batch_size: int = 4, seq_len: int = 64, rate: float = 0.4, seed: int = 0, n_pad_last: int = 14,
@@ -99,10 +109,8 @@ def run(rank: int, world: int, store_file: str) -> dict:
     results: dict = {"exact": {}, "dropout_losses": {}, "attributes_wrong": []}
     for tp in (1, 2):
         initialize_model_parallel(tp, seed=123)
-        for arch, pre_ln in ARCH_LN + [("mlm-untied", False)]:
-            config = (tiny_config("mlm", pre_ln, tie_embeddings=False) if arch == "mlm-untied"
-                      else tiny_config(arch, pre_ln))
-            model = build_model(config, init_seed=7)
+        for arch, pre_ln in ARCH_LN + EXTRA_EXACT:
+            model = build_model(exact_case_config(arch, pre_ln), init_seed=7)
             if tp == 2:
                 results["attributes_wrong"] += _partition_attributes_match(model)
             params = _gather_full(model, "param")
