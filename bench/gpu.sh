@@ -82,7 +82,8 @@ case $mode in
               # Compiled layers on both paths, and whole-model compile (--compile model, DeepSpeed's
               # engine.compile()) on the ZeRO-0 path for MLM and 3MLself only: one graph of the whole forward
               # and backward takes longest to compile (CPU, 24 layers: 1-2.5 min per architecture), so each
-              # model run is two engines. In order of what the issue asks first; the budget skips the tail.
+              # model run is two engines. In order of what the issue asks first (the two paths on both
+              # presets, then whole-model compile on both); the budget skips the tail.
     all3=mlm:0.15,3ml-self:0.5,3ml-cross:0.5
     # HOSTLIGHT_ARGS: appended last (argparse keeps the last value), e.g. the CPU rehearsal of this mode:
     #   PATH=.venv/bin:$PATH DS_ACCELERATOR=cpu BUDGET_S=1500 HOSTLIGHT_ARGS="--preset tiny --seq-len 32
@@ -95,22 +96,37 @@ case $mode in
     base=(--preset base --seq-len 512 --micro-batch 32 --accumulation 2)
     hbench large_b256_bf16autocast 190 "${large[@]}" --micro-batch 256 --runs $all3 \
       --paths zero2_bf16_autocast,zero0_bf16_autocast "${layers[@]}"
-    hbench large_b256_bf16autocast_model 190 "${large[@]}" --micro-batch 256 --paths zero0_bf16_autocast \
-      "${model[@]}"
     hbench base_b64_bf16autocast 120 "${base[@]}" --runs $all3 --paths zero2_bf16_autocast,zero0_bf16_autocast \
       "${layers[@]}"
+    hbench large_b256_bf16autocast_model 190 "${large[@]}" --micro-batch 256 --paths zero0_bf16_autocast \
+      "${model[@]}"
     hbench base_b64_bf16autocast_model 110 "${base[@]}" --paths zero0_bf16_autocast "${model[@]}"
+    # DeepCompile (ZeRO-2 with the collectives in the compiled graph, no per-parameter hooks; CUDA only)
+    hbench large_b256_bf16autocast_deepcompile 150 "${large[@]}" --micro-batch 256 --runs $two \
+      --paths zero2_bf16_autocast_deepcompile "${timing[@]}" --compile none "${extra[@]}"
     hbench large_b256_fp16 100 "${large[@]}" --micro-batch 256 --runs $all3 --paths zero2_fp16,zero0_fp16 \
       "${layers[@]}"
     hbench large_b512_bf16autocast 90 "${large[@]}" --micro-batch 512 --runs $two \
       --paths zero2_bf16_autocast,zero0_bf16_autocast "${layers[@]}"
     hbench base_b64_fp16 80 "${base[@]}" --runs $two --paths zero2_fp16,zero0_fp16 "${layers[@]}"
     ;;
-  *) echo "usage: bash bench/gpu.sh levers|large|base|base2|pad|host|hostlight"; exit 2 ;;
+  hostlight_eager)  # the two paths without compilation (no compile time: fits a few minutes), large then base
+    read -r -a extra <<< "${HOSTLIGHT_ARGS:-}"
+    eager=(--ranks 1 --vocab-size 50265 --steps 4 --rounds 2 --warmup 2 --compile none --runs $two "${extra[@]}")
+    hbench large_b256_bf16autocast_eager 150 --preset large --seq-len 128 --accumulation 1 --micro-batch 256 \
+      --paths zero2_bf16_autocast,zero0_bf16_autocast "${eager[@]}"
+    hbench base_b64_bf16autocast_eager 120 --preset base --seq-len 512 --micro-batch 32 --accumulation 2 \
+      --paths zero2_bf16_autocast,zero0_bf16_autocast "${eager[@]}"
+    ;;
+  *) echo "usage: bash bench/gpu.sh levers|large|base|base2|pad|host|hostlight|hostlight_eager"; exit 2 ;;
 esac
 
 tar -czf "$final/results.tar.gz" -C "$out" .
 for name in "${names[@]}"; do
   echo "## $name"
-  grep -E '^\||^matmul peak|Error|error:' "$out/$name.log" | tail -n 24
+  if [[ -s "$out/$name.json" ]]; then
+    grep -E '^\||^matmul peak|Error|error:' "$out/$name.log" | tail -n 24
+  else  # failed or timed out: how far it got (bench.host_overhead prints rank 0's progress lines)
+    grep -vE 'UserWarning|warnings.warn' "$out/$name.log" | tail -n 12
+  fi
 done

@@ -338,8 +338,7 @@ class Config:
             for _ in range(steps):
                 self.optimizer_step()
             self._sync()
-        kernel_us = sum(e.self_device_time_total for e in prof.key_averages())
-        return kernel_us / 1000.0 / steps
+        return kernel_time_us(prof.key_averages()) / 1000.0 / steps
 
     def host_ops_step(self, top: int) -> dict:
         """Host ops of one optimizer step (``host_operations``) from a torch.profiler trace, CPU activity only."""
@@ -374,6 +373,25 @@ class Config:
         return counts | self.host_ops_step(top)  # its own step: a dispatch mode would add events to the trace
 
 
+def kernel_time_us(events) -> float:
+    """Device time of the kernels among profiler events (``key_averages()`` or ``events()``), in us.
+
+    Only the device-side events count: a CPU operator's ``self_device_time_total`` is the time of the kernels it
+    launched, which are events of their own too, so summing over every event counts each kernel twice (the
+    first GPU run of bench/gpu.sh hostlight_eager, 2026-12-04, printed GPU-busy ms ~2x the step time)."""
+    from torch.autograd import DeviceType
+
+    return float(sum(e.self_device_time_total for e in events if e.device_type != DeviceType.CPU))
+
+
+_START = time.perf_counter()
+
+
+def progress(message: str) -> None:
+    """A line in the rank's log with the seconds since start: where a run that times out spent its time."""
+    print(f"[{time.perf_counter() - _START:7.1f}s] {message}", flush=True)
+
+
 def worker(args) -> int:
     """One rank: builds every configuration, interleaves their timed steps, rank 0 writes the rows."""
     import torch.distributed as dist
@@ -392,15 +410,18 @@ def worker(args) -> int:
 
         for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
             peak[name] = measure_matmul_peak(device, dtype, 8192, 50)
+    progress("initialised")
     configs = [Config(path, arch, rate, mode, args, world, rank, device)
                for mode in args.compile.split(",") for path in args.paths.split(",")
                for arch, rate in parse_runs(args.runs)]
+    progress(f"built {len(configs)} engines")
     counts = []
     for config in configs:
         config.timed_steps(args.warmup)  # compilation, DeepSpeed's lazy buffers, allocator warm-up
         config.times.clear()  # the warm-up steps (compilation: seconds to minutes) are not in the median
         counts.append(config.counted_step(args.top_ops))
         counts[-1]["gpu_busy_ms"] = config.gpu_busy_ms()
+        progress(f"{config.path} {config.compile_mode} {config.arch}: warmed up and counted")
     for _ in range(args.rounds):  # interleaved: every configuration sees the same machine load
         for config in configs:
             dist.barrier()
@@ -453,8 +474,18 @@ def launch(world: int, argv: list[str], timeout: float) -> list[Row]:
         procs = [subprocess.Popen([sys.executable, "-m", "bench.host_overhead", *argv, "--worker-output",
                                    str(output)], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), cwd=REPO,
                                   stdout=logs[r], stderr=subprocess.STDOUT) for r in range(world)]
-        # A SIGTERM (bench/gpu.sh's timeout) ends the ranks too instead of leaving them running.
-        previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))
+        def rank0_log_tail() -> str:
+            logs[0].flush()
+            return Path(logs[0].name).read_text(errors="replace")[-4000:]
+
+        def on_sigterm(*_):
+            # bench/gpu.sh's timeout: end the ranks too, and say how far rank 0 got (its progress lines).
+            for p in procs:
+                p.kill()
+            print(f"error: stopped by SIGTERM; rank 0's log ends:\n{rank0_log_tail()}", flush=True)
+            sys.exit(124)
+
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
         try:
             codes = [p.wait(timeout) for p in procs]
         except subprocess.TimeoutExpired:

@@ -65,3 +65,20 @@ def test_host_ops_of_whole_model_compile(tmp_path):
     # issues more than its graph calls and extern matmuls.
     kernels = sum(n for name, n in compiled["top_host_ops"] if "cpp_" in name)
     assert kernels > 0, compiled["top_host_ops"]
+
+
+def test_gpu_busy_counts_each_kernel_once():
+    """A CPU operator's self device time is its kernels' time, and each kernel is an event of its own: the GPU-busy
+    sum takes the device-side events only (summing all of them counted every kernel twice on the H200)."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import FunctionEvent
+
+    from bench.host_overhead import kernel_time_us
+
+    op = FunctionEvent(0, "aten::mm", 1, 0, 10, use_device="cuda", device_type=DeviceType.CPU)
+    op.append_kernel("gemm", 0, 7)
+    kernel = FunctionEvent(1, "gemm", 2, 2, 9, use_device="cuda", device_type=DeviceType.CUDA)
+    idle = FunctionEvent(2, "aten::view", 1, 10, 11, use_device="cuda", device_type=DeviceType.CPU)
+    assert op.self_device_time_total == 7 and kernel.self_device_time_total == 7  # what the old sum added twice
+    assert kernel_time_us([op, kernel, idle]) == 7.0
+    assert kernel_time_us([op, idle]) == 0.0
