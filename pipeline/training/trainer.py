@@ -420,7 +420,9 @@ class Trainer:
                 window_start, window_steps = time.perf_counter(), 0
             self.metrics.step_done()
             side_work_start = time.perf_counter()
-            if self.valid_loader is not None and runtime.eval_interval and self.step % runtime.eval_interval == 0:
+            # Every eval_interval steps, and at the end of training so the curve ends where the model does.
+            if self.valid_loader is not None and runtime.eval_interval and (
+                    self.step % runtime.eval_interval == 0 or self.step == training.train_steps):
                 self.metrics.eval_record(self.evaluate())
             if self.run_dir is not None and self.step % runtime.save_interval == 0:
                 self.save_checkpoint()
