@@ -1,7 +1,6 @@
-"""The demo: text extraction, launch command, and a shortened run that must learn the word frequencies and to
-copy visible tokens, export and fill in masks (the full demo is `make demo`, a few minutes). Learning from the
-context (masked-token perplexity clearly below the unigram level) is not asserted: at this budget the demo's
-model sits at the unigram plateau on this text (README, "What the demo shows")."""
+"""The demo: text extraction, launch command, and a shortened run that must learn the word frequencies, to copy
+visible tokens and to predict masked tokens from their context (masked-token perplexity below the unigram level
+of the validation split), then export and fill in masks (the full demo is `make demo`, a few minutes)."""
 
 from __future__ import annotations
 
@@ -11,7 +10,7 @@ import json
 from pipeline import demo
 from pipeline.evaluation.report import read_metrics, unigram_perplexity
 
-SHORT_STEPS = 200  # a third of `make demo`'s steps: ~1 min of pre-training on 2 idle cores
+SHORT_STEPS = 400  # two thirds of `make demo`'s steps: ~2 min of pre-training on 2 idle cores
 
 
 def test_wikipedia_articles_are_plain_english_paragraphs():
@@ -36,13 +35,15 @@ def test_corpus_file_and_pretrain_command(tmp_path):
     joined = " ".join(command)
     assert "--nproc_per_node=2" in joined and "--deepspeed_config zero2_fp32.json" in joined
     assert "--architecture 3ml-self" in joined and "--micro-batch-size 16" in joined
-    assert "--model-set pre_ln=true" in joined
+    assert "--model-set pre_ln=true" in joined and "--model-set decoder_locality_bias=1.0" in joined
+    assert "--model-set decoder_num_layers=2" in joined
 
 
-def test_shortened_demo_learns_frequencies_and_copying_and_fills_in_masks(tmp_path, capsys):
+def test_shortened_demo_learns_from_context_and_fills_in_masks(tmp_path, capsys):
     """Fewer steps than `make demo`. The masked-token perplexity falls from far above the unigram level (an
-    untrained model) to near it (the model learned the word frequencies); the unchanged tokens' perplexity falls
-    far below it (the model reads the visible token at its position); the exported full model fills in masks."""
+    untrained model) to below it (word frequencies alone cannot get there: the model uses the context); the
+    unchanged tokens' perplexity falls far below it (the model reads the visible token at its position); the
+    exported full model fills in masks."""
     out = tmp_path / "demo"
     status = demo.main(["--output-dir", str(out), "--steps", str(SHORT_STEPS)])
     printed = capsys.readouterr().out
@@ -51,7 +52,7 @@ def test_shortened_demo_learns_frequencies_and_copying_and_fills_in_masks(tmp_pa
     first, last = evals[0], evals[-1]
     assert last["step"] == SHORT_STEPS
     assert first["ppl_masked"] > 2 * unigram, (first, unigram)
-    assert last["ppl_masked"] < 1.1 * unigram, (last, unigram)
+    assert last["ppl_masked"] < 0.95 * unigram, (last, unigram)
     assert last["ppl_unchanged"] < 0.5 * unigram, (last, unigram)
     assert status == 0 and f"x the unigram perplexity {unigram:.0f}" in printed
     assert (out / "export" / "3ml" / "model.safetensors").is_file() and (out / "run" / "loss_curves.png").is_file()
