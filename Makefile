@@ -43,7 +43,7 @@ test: $(STAMP) slurm-deps ds-ops
 demo: $(STAMP) ds-ops
 	$(PY) -m pipeline demo
 
-# The same with 4,000 pre-training steps (~14 min on 2 idle cores): long enough to leave the unigram plateau (README).
+# The same with 4,000 pre-training steps (~15 min on 2 idle cores): how far the curves go past 600 steps.
 demo-long: $(STAMP) ds-ops
 	$(PY) -m pipeline demo --long
 
