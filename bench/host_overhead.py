@@ -474,6 +474,7 @@ def launch(world: int, argv: list[str], timeout: float) -> list[Row]:
         procs = [subprocess.Popen([sys.executable, "-m", "bench.host_overhead", *argv, "--worker-output",
                                    str(output)], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), cwd=REPO,
                                   stdout=logs[r], stderr=subprocess.STDOUT) for r in range(world)]
+
         def rank0_log_tail() -> str:
             logs[0].flush()
             return Path(logs[0].name).read_text(errors="replace")[-4000:]
@@ -496,9 +497,8 @@ def launch(world: int, argv: list[str], timeout: float) -> list[Row]:
                 if p.poll() is None:
                     p.kill()
         if any(codes) or not output.exists():
-            logs[0].seek(0)
             raise SystemExit(f"error: {world}-rank run failed (exit codes {codes}); rank 0's log ends:\n"
-                             + logs[0].read()[-4000:])
+                             + rank0_log_tail())
         return [Row(**r) for r in json.loads(output.read_text())]
 
 

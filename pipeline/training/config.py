@@ -164,8 +164,9 @@ class RuntimeConfig:
         group="checkpoints and logging"))
     log_interval: int = field(default=10, metadata=_help("Log metrics every N steps.",
                                                          group="checkpoints and logging"))
-    eval_interval: int = field(default=1000, metadata=_help("Validate every N steps and at the last step of training, as Megatron does (0: never).",
-                                                            group="checkpoints and logging"))
+    eval_interval: int = field(default=1000, metadata=_help(
+        "Validate every N steps and at the last step of training, as Megatron does (0: never).",
+        group="checkpoints and logging"))
     eval_iters: int = field(default=10, metadata=_help("Validation micro batches per data-parallel rank.",
                                                        group="checkpoints and logging"))
     stop_at_step: int | None = field(default=None, metadata=_help(
