@@ -5,7 +5,7 @@
 #   ../shared/device/make-wheelhouse.sh          # here, once: builds .whl/ (deepspeed, megatron-core, ...)
 #   bash bench/gpu.sh levers                     # on the GPU machine, .whl carried: large preset, what each lever buys
 #   bash bench/gpu.sh large | base               # on the GPU machine: the README table, one preset a call
-#   bash bench/gpu.sh hostlight                  # issue 12: today's ZeRO-2 against the hook-free ZeRO-0 path
+#   bash bench/gpu.sh hostlight [ROW...]         # issue 12: today's ZeRO-2 against the hook-free ZeRO-0 path
 #
 # Results: $OUT/results.tar.gz (every configuration's JSON and log, profiler tables) and the tables printed last.
 #
@@ -84,6 +84,9 @@ case $mode in
               # and backward takes longest to compile (CPU, 24 layers: 1-2.5 min per architecture), so each
               # model run is two engines. In order of what the issue asks first (the two paths on both
               # presets, then whole-model compile on both); the budget skips the tail.
+              # `bash bench/gpu.sh hostlight ROW...` runs the named rows only, each with the whole budget left
+              # (on 2026-12-04 the first three rows hit their default limits before printing; a warm machine
+              # keeps /tmp, so the inductor and extension caches of one call serve the next).
     all3=mlm:0.15,3ml-self:0.5,3ml-cross:0.5
     # HOSTLIGHT_ARGS: appended last (argparse keeps the last value), e.g. the CPU rehearsal of this mode:
     #   PATH=.venv/bin:$PATH DS_ACCELERATOR=cpu BUDGET_S=1500 HOSTLIGHT_ARGS="--preset tiny --seq-len 32
@@ -94,25 +97,42 @@ case $mode in
     model=("${timing[@]}" --compile model --runs $two "${extra[@]}")
     large=(--preset large --seq-len 128 --accumulation 1)
     base=(--preset base --seq-len 512 --micro-batch 32 --accumulation 2)
-    hbench large_b256_bf16autocast 190 "${large[@]}" --micro-batch 256 --runs $all3 \
-      --paths zero2_bf16_autocast,zero0_bf16_autocast "${layers[@]}"
-    hbench base_b64_bf16autocast 120 "${base[@]}" --runs $all3 --paths zero2_bf16_autocast,zero0_bf16_autocast \
-      "${layers[@]}"
-    hbench large_b256_bf16autocast_model 190 "${large[@]}" --micro-batch 256 --paths zero0_bf16_autocast \
-      "${model[@]}"
-    hbench base_b64_bf16autocast_model 110 "${base[@]}" --paths zero0_bf16_autocast "${model[@]}"
-    # DeepCompile (ZeRO-2 with the collectives in the compiled graph, no per-parameter hooks; CUDA only)
-    hbench large_b256_bf16autocast_deepcompile 150 "${large[@]}" --micro-batch 256 --runs $two \
-      --paths zero2_bf16_autocast_deepcompile "${timing[@]}" --compile none "${extra[@]}"
-    hbench large_b256_fp16 100 "${large[@]}" --micro-batch 256 --runs $all3 --paths zero2_fp16,zero0_fp16 \
-      "${layers[@]}"
-    hbench large_b512_bf16autocast 90 "${large[@]}" --micro-batch 512 --runs $two \
-      --paths zero2_bf16_autocast,zero0_bf16_autocast "${layers[@]}"
-    hbench base_b64_fp16 80 "${base[@]}" --runs $two --paths zero2_fp16,zero0_fp16 "${layers[@]}"
+    declare -A limits=([large_b256_bf16autocast]=190 [base_b64_bf16autocast]=120 [large_b256_bf16autocast_model]=190
+      [base_b64_bf16autocast_model]=110 [large_b256_bf16autocast_deepcompile]=150 [large_b256_fp16]=100
+      [large_b512_bf16autocast]=90 [base_b64_fp16]=80)
+    rows=("${@:2}")
+    if ((${#rows[@]} == 0)); then
+      rows=(large_b256_bf16autocast base_b64_bf16autocast large_b256_bf16autocast_model base_b64_bf16autocast_model
+            large_b256_bf16autocast_deepcompile large_b256_fp16 large_b512_bf16autocast base_b64_fp16)
+    fi
+    for row in "${rows[@]}"; do
+      if [[ -z "${limits[$row]:-}" ]]; then echo "hostlight: no row $row (rows: ${!limits[*]})"; exit 2; fi
+      limit=${limits[$row]}
+      (($# > 1)) && limit=$budget  # named rows: each may use what is left (run_module caps it)
+      case $row in
+        large_b256_bf16autocast) hbench $row $limit "${large[@]}" --micro-batch 256 --runs $all3 \
+          --paths zero2_bf16_autocast,zero0_bf16_autocast "${layers[@]}" ;;
+        base_b64_bf16autocast) hbench $row $limit "${base[@]}" --runs $all3 \
+          --paths zero2_bf16_autocast,zero0_bf16_autocast "${layers[@]}" ;;
+        large_b256_bf16autocast_model) hbench $row $limit "${large[@]}" --micro-batch 256 \
+          --paths zero0_bf16_autocast "${model[@]}" ;;
+        base_b64_bf16autocast_model) hbench $row $limit "${base[@]}" --paths zero0_bf16_autocast "${model[@]}" ;;
+        # DeepCompile (ZeRO-2 with the collectives in the compiled graph, no per-parameter hooks; CUDA only)
+        large_b256_bf16autocast_deepcompile) hbench $row $limit "${large[@]}" --micro-batch 256 --runs $two \
+          --paths zero2_bf16_autocast_deepcompile "${timing[@]}" --compile none "${extra[@]}" ;;
+        large_b256_fp16) hbench $row $limit "${large[@]}" --micro-batch 256 --runs $all3 \
+          --paths zero2_fp16,zero0_fp16 "${layers[@]}" ;;
+        large_b512_bf16autocast) hbench $row $limit "${large[@]}" --micro-batch 512 --runs $two \
+          --paths zero2_bf16_autocast,zero0_bf16_autocast "${layers[@]}" ;;
+        base_b64_fp16) hbench $row $limit "${base[@]}" --runs $two --paths zero2_fp16,zero0_fp16 "${layers[@]}" ;;
+      esac
+    done
     ;;
-  hostlight_eager)  # the two paths without compilation (no compile time: fits a few minutes), large then base
+  hostlight_eager)  # the two paths without compilation (no compile time: fits a few minutes), large then base,
+                    # with the GPU time of each stage of the model (bench.stages: where 3ML's saving goes)
     read -r -a extra <<< "${HOSTLIGHT_ARGS:-}"
-    eager=(--ranks 1 --vocab-size 50265 --steps 4 --rounds 2 --warmup 2 --compile none --runs $two "${extra[@]}")
+    eager=(--ranks 1 --vocab-size 50265 --steps 4 --rounds 2 --warmup 2 --compile none --runs $two --stages
+           "${extra[@]}")
     hbench large_b256_bf16autocast_eager 150 --preset large --seq-len 128 --accumulation 1 --micro-batch 256 \
       --paths zero2_bf16_autocast,zero0_bf16_autocast "${eager[@]}"
     hbench base_b64_bf16autocast_eager 120 --preset base --seq-len 512 --micro-batch 32 --accumulation 2 \
@@ -125,7 +145,7 @@ tar -czf "$final/results.tar.gz" -C "$out" .
 for name in "${names[@]}"; do
   echo "## $name"
   if [[ -s "$out/$name.json" ]]; then
-    grep -E '^\||^matmul peak|Error|error:' "$out/$name.log" | tail -n 24
+    grep -E '^\||^matmul peak|by stage|Error|error:' "$out/$name.log" | tail -n 40
   else  # failed or timed out: how far it got (bench.host_overhead prints rank 0's progress lines)
     grep -vE 'UserWarning|warnings.warn' "$out/$name.log" | tail -n 12
   fi

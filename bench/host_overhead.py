@@ -29,6 +29,9 @@ what the host does per optimizer step -- the part a GPU run cannot hide:
 * ``host syncs``: reads of a device value by the host in one optimizer step (``aten._local_scalar_dense``:
   ``.item()``, ``bool(tensor)``): on a GPU each one waits for the queued work, leaving the GPU idle after;
 * ``params``: parameter tensors (the per-parameter work scales with it).
+* ``--stages`` (eager rows): one more profiled step's time by stage of the model -- embeddings, encoder,
+  decoder, head, 3ML's glue, gradient accumulation, DeepSpeed's backward and step (``bench.stages``) -- GPU
+  kernel time on a GPU, CPU time on a CPU, with each stage's achieved TFLOP/s of its model FLOPs.
 
 Every configuration runs in the same processes and their timed steps are interleaved (round-robin blocks), so
 the ratios compare like with like on a busy machine. ``--ranks 1,2`` runs the whole set once per world size
@@ -60,6 +63,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import re
@@ -76,6 +80,7 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from bench import stages
 from bench.throughput import parse_runs
 from model.config import ModelConfig
 from pipeline.data.batch import SpecialTokens
@@ -127,6 +132,10 @@ class Row:
     graph_calls: int | None = None
     host_ops_ratio_vs_mlm: float | None = None
     top_host_ops: list = field(default_factory=list)
+    # --stages: bench.stages.attribute of one step, {stage: {"forward": ms, "backward": ms}}, and each stage's
+    # model FLOPs per optimizer step on this rank (forward + 2x backward)
+    stage_ms: dict | None = None
+    stage_flops: dict | None = None
 
 
 class OpCounter(TorchDispatchMode):
@@ -271,7 +280,7 @@ class Config:
                  device: torch.device):
         from model import build_model
         from pipeline.training.engine import build_engine
-        from pipeline.training.flops import MFU_FWD_BWD_FACTOR, training_flops
+        from pipeline.training.flops import MFU_FWD_BWD_FACTOR, forward_flops_by_stage, training_flops
 
         if path.endswith("_deepcompile"):
             compile_mode = "deepcompile"  # DeepSpeed's engine.compile() compiles the whole model itself
@@ -284,6 +293,9 @@ class Config:
         self.flops = training_flops(config, args.micro_batch * args.accumulation, args.seq_len, rate,
                                     mask_fraction=masking.fractions[0], fwd_bwd_factor=MFU_FWD_BWD_FACTOR)
         self.mask_fraction = masking.fractions[0]
+        self.stage_flops = {name: MFU_FWD_BWD_FACTOR * args.micro_batch * args.accumulation * flops
+                            for name, flops in forward_flops_by_stage(config, args.seq_len, rate,
+                                                                      self.mask_fraction).items()}
         self.seq_len = args.seq_len
         collator = MaskingCollator(masking, SPECIAL.pad)
         micro = args.micro_batch
@@ -304,16 +316,33 @@ class Config:
         self.times: list[float] = []
         self.last_loss = None
 
-    def optimizer_step(self, forward_counter: OpCounter | None = None):
+    def optimizer_step(self, forward_counter: OpCounter | None = None, phases: bool = False):
+        """One optimizer step; ``phases``: its forward, backward and step inside ``bench.stages``' ranges."""
+        phase = stages.phase if phases else (lambda _name: contextlib.nullcontext())
         for micro in self.micros:
-            if forward_counter is not None:
-                with forward_counter:
-                    output = self.engine(micro)
-            else:
+            with phase("forward"), (forward_counter or contextlib.nullcontext()):
                 output = self.engine(micro)
-            self.engine.backward(output.loss)
-            self.engine.step()
+            with phase("backward"):
+                self.engine.backward(output.loss)
+            with phase("step"):
+                self.engine.step()
         self.last_loss = output.loss
+
+    def stage_profile(self) -> dict | None:
+        """``bench.stages.attribute`` of one profiled optimizer step: GPU kernel time (CPU time on a CPU) by
+        stage, in ms; eager only (None otherwise: a compiled module runs its hooks inside its graph, where the
+        profiler ranges vanish, and hooks added after compilation would recompile it)."""
+        if self.compile_mode != "none":
+            return None
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        self._sync()
+        with stages.stage_ranges(self.engine.module), profile(activities=activities) as prof:
+            self.optimizer_step(phases=True)
+            self._sync()
+        return {name: {k: v / 1000.0 for k, v in split.items()}
+                for name, split in stages.attribute(prof.events()).items()}
 
     def _sync(self):
         if self.device.type == "cuda":
@@ -421,6 +450,7 @@ def worker(args) -> int:
         config.times.clear()  # the warm-up steps (compilation: seconds to minutes) are not in the median
         counts.append(config.counted_step(args.top_ops))
         counts[-1]["gpu_busy_ms"] = config.gpu_busy_ms()
+        counts[-1]["stage_ms"] = config.stage_profile() if args.stages else None
         progress(f"{config.path} {config.compile_mode} {config.arch}: warmed up and counted")
     for _ in range(args.rounds):  # interleaved: every configuration sees the same machine load
         for config in configs:
@@ -438,7 +468,8 @@ def worker(args) -> int:
                         seq_len=args.seq_len, accumulation=args.accumulation, gpu_busy_ms=count["gpu_busy_ms"],
                         mfu=config.flops / median_s / 1e12 / peak_tflops if peak_tflops else None,
                         predicted_speedup=_predicted_speedup(config, configs), host_ops=count["host_ops"],
-                        graph_calls=count["graph_calls"], top_host_ops=count["top_host_ops"]))
+                        graph_calls=count["graph_calls"], top_host_ops=count["top_host_ops"],
+                        stage_ms=count["stage_ms"], stage_flops=config.stage_flops if args.stages else None))
         assert torch.isfinite(config.last_loss), f"{config.path} {config.arch}: loss {config.last_loss}"
     if rank == 0:
         Path(args.worker_output).write_text(json.dumps([asdict(r) for r in rows]))
@@ -572,6 +603,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--top-ops", type=int, default=0,
                         help="also list the N most frequent ATen ops and host ops per row")
+    parser.add_argument("--stages", action="store_true",
+                        help="also time one step by stage of the model (bench.stages; --compile none rows)")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per world size")
     parser.add_argument("--json", help="write the rows here")
@@ -597,6 +630,14 @@ def main(argv: list[str] | None = None) -> int:
         rows += launch(world, argv, args.timeout)
     add_ratios(rows)
     print(format_table(rows))
+    staged = [r for r in rows if r.stage_ms]
+    if staged:
+        unit = "GPU kernel" if any(r.gpu_busy_ms is not None for r in staged) else "CPU"
+        print(f"\n{unit} ms per optimizer step by stage, forward + backward (TFLOP/s of its model FLOPs):")
+        print(stages.format_stage_table(
+            [stages.StageRow(f"{r.ranks} {r.path} {r.compile} {r.architecture} {r.masking_rate:.2f}",
+                             {name: sum(split.values()) for name, split in r.stage_ms.items()},
+                             r.stage_flops or {}) for r in staged]))
     if args.top_ops:
         for r in rows:
             print(f"{r.ranks} rank(s) {r.path} {r.compile} {r.architecture}: ATen ops "

@@ -62,9 +62,14 @@ def prediction_flops(n: float, rate: float, d_in: int, d_enc: int, vocab: int) -
     return 2 * n * rate * (d_in * d_enc + d_enc * vocab)
 
 
-def forward_flops(config: ModelConfig, seq_len: int, masking_rate: float,
-                  mask_fraction: float = DEFAULT_MASK_FRACTION) -> float:
-    """Forward FLOPs for one sequence (see module docstring)."""
+STAGES = ("encoder", "decoder", "head")
+
+
+def forward_flops_by_stage(config: ModelConfig, seq_len: int, masking_rate: float,
+                           mask_fraction: float = DEFAULT_MASK_FRACTION) -> dict[str, float]:
+    """Forward FLOPs for one sequence (see module docstring) by stage of the model: ``encoder`` (its layers),
+    ``decoder`` (3ML's projection to the decoder width and its layers; 0 for MLM) and ``head`` (prediction
+    layers: transform and vocabulary projection). ``bench.stages`` times the same stages."""
     if not (0.0 < masking_rate < 1.0):
         raise ValueError(f"masking_rate must be in (0, 1), got {masking_rate}")
     if not (0.0 <= mask_fraction <= 1.0):
@@ -72,17 +77,27 @@ def forward_flops(config: ModelConfig, seq_len: int, masking_rate: float,
     n, r, m, vocab = float(seq_len), masking_rate, mask_fraction, config.vocab_size
     d_en, d_de = config.hidden_size, config.decoder_hidden_size
     if config.architecture == "mlm":
-        return config.num_layers * block_flops(n, d_en, config.ffn_size) + prediction_flops(n, r, d_en, d_en, vocab)
+        return {"encoder": config.num_layers * block_flops(n, d_en, config.ffn_size), "decoder": 0.0,
+                "head": prediction_flops(n, r, d_en, d_en, vocab)}
     n_enc = (1.0 - m * r) * n
-    encoder = 2 * n_enc * d_en * d_de + config.num_layers * block_flops(n_enc, d_en, config.ffn_size)
+    encoder = config.num_layers * block_flops(n_enc, d_en, config.ffn_size)
+    projection = 2 * n_enc * d_en * d_de
     if config.architecture == "3ml-self":
         decoder = config.decoder_num_layers * block_flops(n, d_de, config.decoder_ffn_size)
-        return encoder + decoder + prediction_flops(n, r, d_de, d_en, vocab)
+        return {"encoder": encoder, "decoder": projection + decoder,
+                "head": prediction_flops(n, r, d_de, d_en, vocab)}
     n_dec = m * r * n
     decoder = config.decoder_num_layers * cross_block_flops(n_enc, n_dec, d_de, config.decoder_ffn_size)
     kept_rate = (1.0 - m) * r / (1.0 - m * r)  # replaced + unchanged, as a fraction of the encoder length
-    return (encoder + decoder + prediction_flops(n_enc, kept_rate, d_en, d_en, vocab)
-            + prediction_flops(n_dec, 1.0, d_de, d_en, vocab))
+    return {"encoder": encoder, "decoder": projection + decoder,
+            "head": (prediction_flops(n_enc, kept_rate, d_en, d_en, vocab)
+                     + prediction_flops(n_dec, 1.0, d_de, d_en, vocab))}
+
+
+def forward_flops(config: ModelConfig, seq_len: int, masking_rate: float,
+                  mask_fraction: float = DEFAULT_MASK_FRACTION) -> float:
+    """Forward FLOPs for one sequence (see module docstring): the sum over ``forward_flops_by_stage``."""
+    return sum(forward_flops_by_stage(config, seq_len, masking_rate, mask_fraction).values())
 
 
 def training_flops(config: ModelConfig, batch: int, seq_len: int, masking_rate: float, *,
