@@ -13,6 +13,21 @@
 # BUDGET_S (default 560) stops starting new configurations when the time is nearly spent.
 set -uo pipefail
 mode=${1:-large}
+# hostlight's rows in priority order, with their default limits (s); checked before anything is installed.
+hostlight_rows=(large_b256_bf16autocast base_b64_bf16autocast large_b256_bf16autocast_model
+                base_b64_bf16autocast_model large_b256_bf16autocast_deepcompile large_b256_fp16
+                large_b512_bf16autocast base_b64_fp16)
+declare -A limits=([large_b256_bf16autocast]=190 [base_b64_bf16autocast]=120 [large_b256_bf16autocast_model]=190
+  [base_b64_bf16autocast_model]=110 [large_b256_bf16autocast_deepcompile]=150 [large_b256_fp16]=100
+  [large_b512_bf16autocast]=90 [base_b64_fp16]=80)
+case $mode in
+  levers|large|base|base2|pad|host|hostlight_eager) ;;
+  hostlight)
+    for row in "${@:2}"; do
+      [[ -n "${limits[$row]:-}" ]] || { echo "hostlight: no row $row (rows: ${hostlight_rows[*]})"; exit 2; }
+    done ;;
+  *) echo "usage: bash bench/gpu.sh levers|large|base|base2|pad|host|hostlight [ROW...]|hostlight_eager"; exit 2 ;;
+esac
 final=${OUT:-bench_out}
 out=$(mktemp -d)
 mkdir -p "$final"
@@ -97,16 +112,9 @@ case $mode in
     model=("${timing[@]}" --compile model --runs $two "${extra[@]}")
     large=(--preset large --seq-len 128 --accumulation 1)
     base=(--preset base --seq-len 512 --micro-batch 32 --accumulation 2)
-    declare -A limits=([large_b256_bf16autocast]=190 [base_b64_bf16autocast]=120 [large_b256_bf16autocast_model]=190
-      [base_b64_bf16autocast_model]=110 [large_b256_bf16autocast_deepcompile]=150 [large_b256_fp16]=100
-      [large_b512_bf16autocast]=90 [base_b64_fp16]=80)
     rows=("${@:2}")
-    if ((${#rows[@]} == 0)); then
-      rows=(large_b256_bf16autocast base_b64_bf16autocast large_b256_bf16autocast_model base_b64_bf16autocast_model
-            large_b256_bf16autocast_deepcompile large_b256_fp16 large_b512_bf16autocast base_b64_fp16)
-    fi
+    ((${#rows[@]})) || rows=("${hostlight_rows[@]}")
     for row in "${rows[@]}"; do
-      if [[ -z "${limits[$row]:-}" ]]; then echo "hostlight: no row $row (rows: ${!limits[*]})"; exit 2; fi
       limit=${limits[$row]}
       (($# > 1)) && limit=$budget  # named rows: each may use what is left (run_module caps it)
       case $row in
@@ -138,7 +146,6 @@ case $mode in
     hbench base_b64_bf16autocast_eager 120 --preset base --seq-len 512 --micro-batch 32 --accumulation 2 \
       --paths zero2_bf16_autocast,zero0_bf16_autocast "${eager[@]}"
     ;;
-  *) echo "usage: bash bench/gpu.sh levers|large|base|base2|pad|host|hostlight|hostlight_eager"; exit 2 ;;
 esac
 
 tar -czf "$final/results.tar.gz" -C "$out" .

@@ -39,3 +39,18 @@ def test_bench_help(script, capsys, monkeypatch):
         module.main(["--help"])
     assert exit_info.value.code == 0
     assert "usage:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [(["bogus"], "usage: bash bench/gpu.sh "),
+                                           (["hostlight", "large_b256_bf16autocast", "nosuchrow"],
+                                            "hostlight: no row nosuchrow (rows: large_b256_bf16autocast ")])
+def test_gpu_script_refuses_unknown_modes_and_rows_before_installing(args, message, tmp_path):
+    """bench/gpu.sh checks its mode and hostlight's row names before it installs or starts anything: a typo
+    costs no device time."""
+    import subprocess
+
+    done = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), *args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stdout.startswith(message) and done.stdout.count("\n") == 1, done.stdout
+    assert not list(tmp_path.iterdir())  # no $OUT folder made
