@@ -280,7 +280,7 @@ class Config:
                  device: torch.device):
         from model import build_model
         from pipeline.training.engine import build_engine
-        from pipeline.training.flops import MFU_FWD_BWD_FACTOR, forward_flops_by_stage, training_flops
+        from pipeline.training.flops import MFU_FWD_BWD_FACTOR, forward_flops_by_stage
 
         if path.endswith("_deepcompile"):
             compile_mode = "deepcompile"  # DeepSpeed's engine.compile() compiles the whole model itself
@@ -289,13 +289,13 @@ class Config:
         self.device = device
         self.model_config = config = model_config(arch, args)
         masking = MaskingConfig(rate=rate, seed=args.seed)
-        # Model FLOPs of one optimizer step on this rank (forward + 2x backward, Appendix D) for the MFU.
-        self.flops = training_flops(config, args.micro_batch * args.accumulation, args.seq_len, rate,
-                                    mask_fraction=masking.fractions[0], fwd_bwd_factor=MFU_FWD_BWD_FACTOR)
         self.mask_fraction = masking.fractions[0]
+        # Model FLOPs of one optimizer step on this rank (forward + 2x backward, Appendix D), by stage (the
+        # --stages table's rates) and in all (the MFU).
         self.stage_flops = {name: MFU_FWD_BWD_FACTOR * args.micro_batch * args.accumulation * flops
                             for name, flops in forward_flops_by_stage(config, args.seq_len, rate,
                                                                       self.mask_fraction).items()}
+        self.flops = sum(self.stage_flops.values())
         self.seq_len = args.seq_len
         collator = MaskingCollator(masking, SPECIAL.pad)
         micro = args.micro_batch
@@ -320,7 +320,7 @@ class Config:
         """One optimizer step; ``phases``: its forward, backward and step inside ``bench.stages``' ranges."""
         phase = stages.phase if phases else (lambda _name: contextlib.nullcontext())
         for micro in self.micros:
-            with phase("forward"), (forward_counter or contextlib.nullcontext()):
+            with phase("forward"), (contextlib.nullcontext() if forward_counter is None else forward_counter):
                 output = self.engine(micro)
             with phase("backward"):
                 self.engine.backward(output.loss)
