@@ -62,9 +62,6 @@ def prediction_flops(n: float, rate: float, d_in: int, d_enc: int, vocab: int) -
     return 2 * n * rate * (d_in * d_enc + d_enc * vocab)
 
 
-STAGES = ("encoder", "decoder", "head")
-
-
 def forward_flops_by_stage(config: ModelConfig, seq_len: int, masking_rate: float,
                            mask_fraction: float = DEFAULT_MASK_FRACTION) -> dict[str, float]:
     """Forward FLOPs for one sequence (see module docstring) by stage of the model: ``encoder`` (its layers),
